@@ -1,0 +1,83 @@
+"""The attn1 replace patch that records q/k/v/out of the selected layers during an AD pass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .layers import SelfAttentionLayer
+
+
+class StopForward(Exception):
+    """Raised after the last selected layer: nothing later in the UNet is needed."""
+
+
+@dataclass
+class LayerRecord:
+    """Features of one layer, heads split: tensors are (B, heads, N, dim_head)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    hw: tuple[int, int]
+
+
+def token_grid(original_shape: list[int] | tuple[int, ...], tokens: int) -> tuple[int, int]:
+    """(h, w) of a layer with `tokens` tokens: each downsample halves with ceil, so search k."""
+    height, width = int(original_shape[-2]), int(original_shape[-1])
+    for k in range(16):
+        h, w = math.ceil(height / 2**k), math.ceil(width / 2**k)
+        if h * w == tokens:
+            return h, w
+        if h * w < tokens:
+            break
+    raise ValueError(f"cannot place {tokens} tokens on a {height}x{width} latent")
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+class AttentionRecorder:
+    """Callable for `patches_replace["attn1"]`: computes self-attention with SDPA (which has
+    a backward on every backend), records the features and, after the last selected layer,
+    stops the forward when `stop_early` is set."""
+
+    def __init__(self, layers: list[SelfAttentionLayer], stop_early: bool = True) -> None:
+        self.layers = list(layers)
+        self.keys = [layer.patch_key for layer in self.layers]
+        self.last_key = self.keys[-1]
+        self.stop_early = stop_early
+        self.records: dict[tuple[str, int, int], LayerRecord] = {}
+
+    def transformer_options(self) -> dict:
+        """A fresh options dict for one UNet call (the UNet writes into it)."""
+        return {"patches_replace": {"attn1": {key: self for key in self.keys}}}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = int(extra_options["n_heads"])
+        key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+        qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+        out = F.scaled_dot_product_attention(qh, kh, vh)
+        hw = token_grid(extra_options["original_shape"], q.shape[1])
+        self.records[key] = LayerRecord(q=qh, k=kh, v=vh, out=out, hw=hw)
+        if self.stop_early and key == self.last_key:
+            raise StopForward
+        return merge_heads(out)
+
+    def ordered(self) -> list[LayerRecord]:
+        """Records in layer order; every selected layer must have run."""
+        missing = [key for key in self.keys if key not in self.records]
+        if missing:
+            raise RuntimeError(f"AD layers {missing} did not run in the UNet forward")
+        return [self.records[key] for key in self.keys]

@@ -1,0 +1,91 @@
+"""Features of one model for one run: reference keys/values (cached), content queries and the
+differentiated pass of the latent being optimized."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .cache import ReferenceKV
+from .layers import SelfAttentionLayer, select_layers
+from .recorder import LayerRecord
+from .reference import ADReference
+from .unet_pass import UNetFeaturePass, check_sd_unet, conditioning_kwargs
+
+
+class ADModelSession:
+    """Binds an AD_REFERENCE to a loaded ModelPatcher. Call the passes inside the autograd
+    context of guidance/ so that tensors are normal (non-inference) ones."""
+
+    def __init__(self, patcher: Any, reference: ADReference, device: torch.device | None = None) -> None:
+        base = patcher.model
+        check_sd_unet(base)
+        self.base_model = base
+        self.reference = reference
+        self.device = device if device is not None else patcher.load_device
+        self.layers: list[SelfAttentionLayer] = select_layers(base.diffusion_model, reference.layer_spec)
+        self.unet_pass = UNetFeaturePass(base, self.layers)
+        self.model_key = (id(base), getattr(patcher, "patches_uuid", None), tuple(layer.patch_key for layer in self.layers))
+        self._ref_latent: torch.Tensor | None = None
+        self._cond_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    # -- inputs -----------------------------------------------------------------
+    def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
+        """ComfyUI LATENT (raw VAE) → the scaled latent the UNet works on (DESIGN §2.1)."""
+        return self.base_model.process_latent_in(latent.detach().clone().to(self.device, torch.float32))
+
+    def to_latent_space(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.base_model.process_latent_out(latent.detach().clone())
+
+    @property
+    def reference_latent(self) -> torch.Tensor:
+        if self._ref_latent is None:
+            self._ref_latent = self.to_model_space(self.reference.latents)
+        return self._ref_latent
+
+    def null_cond(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = (tuple(latent.shape), latent.device)
+        if key not in self._cond_cache:
+            self._cond_cache[key] = conditioning_kwargs(
+                self.base_model, self.reference.conditioning, latent.detach().clone(), self.device
+            )
+        return self._cond_cache[key]
+
+    # -- passes -----------------------------------------------------------------
+    def reference_kv(
+        self, timestep: float, noise: torch.Tensor | None = None, sigma: float = 0.0, noise_key: Any = None
+    ) -> list[ReferenceKV]:
+        """Keys/values of the references at `timestep`, concatenated along tokens.
+
+        With `noise`, the reference is noised to `sigma` in VP form: (ref + σ·ε)/√(σ²+1).
+        Cached per (model weights, layers, timestep, noise_key).
+        """
+        key = (self.model_key, float(timestep), noise_key if noise is not None else None, tuple(self.reference_latent.shape))
+
+        def compute() -> list[ReferenceKV]:
+            ref = self.reference_latent
+            if noise is not None:
+                ref = (ref + sigma * noise.to(ref)) / math.sqrt(sigma * sigma + 1.0)
+            with torch.no_grad():
+                records = self.unet_pass.run(ref, timestep, self.null_cond(ref))
+            out = []
+            for rec in records:
+                r, h, n, d = rec.k.shape
+                k = rec.k.transpose(0, 1).reshape(1, h, r * n, d).detach()
+                v = rec.v.transpose(0, 1).reshape(1, h, r * n, d).detach()
+                out.append(ReferenceKV(k=k, v=v, hw=rec.hw))
+            return out
+
+        return self.reference.cache.get_or_compute(key, compute)
+
+    def queries(self, unet_input: torch.Tensor, timestep: float) -> list[torch.Tensor]:
+        """Queries of a latent (no gradient): the content-loss target."""
+        with torch.no_grad():
+            records = self.unet_pass.run(unet_input, timestep, self.null_cond(unet_input))
+        return [rec.q.detach() for rec in records]
+
+    def features(self, unet_input: torch.Tensor, timestep: float) -> list[LayerRecord]:
+        """Differentiable features of the latent being optimized."""
+        return self.unet_pass.run(unet_input, timestep, self.null_cond(unet_input))

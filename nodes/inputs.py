@@ -1,0 +1,49 @@
+"""Validation of LATENT, MASK and number inputs shared by the nodes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ADNodeError, require
+
+
+def latent_samples(node: str, latent: dict, name: str, channels: int) -> torch.Tensor:
+    """The samples of a LATENT, checked against the model's latent channels."""
+    require(isinstance(latent, dict) and "samples" in latent, node, f"'{name}' is not a LATENT")
+    samples = latent["samples"]
+    require(samples.ndim == 4, node, f"'{name}' must be an image latent (B, C, H, W), got shape {tuple(samples.shape)}")
+    require(samples.shape[0] > 0, node, f"'{name}' holds no latent (batch of zero)")
+    require(
+        samples.shape[1] == channels,
+        node,
+        f"'{name}' has {samples.shape[1]} channels but the model's latents have {channels}; "
+        "encode it with this model's VAE",
+    )
+    require(bool(torch.isfinite(samples).all()), node, f"'{name}' contains NaN or infinite values")
+    return samples
+
+
+def mask_batch(node: str, mask: torch.Tensor, name: str, batch: int) -> torch.Tensor:
+    """A MASK as (batch or 1, H, W); other batch sizes cannot be matched."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    require(mask.ndim == 3, node, f"'{name}' must be a MASK (B, H, W), got shape {tuple(mask.shape)}")
+    require(mask.shape[-1] > 0 and mask.shape[-2] > 0, node, f"'{name}' is empty")
+    if mask.shape[0] not in (1, batch):
+        raise ADNodeError(node, f"'{name}' has {mask.shape[0]} masks for {batch} latents; give 1 or {batch}")
+    return mask
+
+
+def finite_number(node: str, value: float, name: str, minimum: float | None = None) -> float:
+    require(isinstance(value, (int, float)) and math.isfinite(value), node, f"'{name}' must be a finite number, got {value}")
+    if minimum is not None:
+        require(value >= minimum, node, f"'{name}' must be at least {minimum}, got {value}")
+    return float(value)
+
+
+def whole_number(node: str, value: int, name: str, minimum: int, maximum: int) -> int:
+    require(isinstance(value, int) and not isinstance(value, bool), node, f"'{name}' must be a whole number, got {value!r}")
+    require(minimum <= value <= maximum, node, f"'{name}' must be between {minimum} and {maximum}, got {value}")
+    return int(value)

@@ -1,0 +1,128 @@
+"""Latent AD Optimize: style/appearance transfer and texture synthesis by optimization."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention.reference import ADReference
+from ..attention.session import ADModelSession
+from ..attention.unet_pass import check_sd_unet, latent_channels
+from ..guidance.autograd import autograd_through
+from ..guidance.losses import labels_from_mask
+from ..guidance.optimize import IterationReport, OptimizeSettings, optimize_latent
+from .common import AD_REFERENCE, CATEGORY, check_interrupt, load_for_ad
+from .errors import reported_as, require
+from .inputs import finite_number, latent_samples, mask_batch, whole_number
+
+NODE = "Latent AD Optimize"
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+log = logging.getLogger(__name__)
+
+
+def is_empty_latent(samples: torch.Tensor) -> bool:
+    """EmptyLatentImage gives zeros: that asks for texture synthesis from seeded noise."""
+    return not bool(samples.abs().sum() > 0)
+
+
+def seeded_noise(samples: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal noise the way ComfyUI's samplers draw it for this latent and seed."""
+    import comfy.sample
+
+    return comfy.sample.prepare_noise(samples, seed)
+
+
+class LatentADOptimize:
+    DESCRIPTION = (
+        "Optimizes a latent so its self-attention matches the reference (Attention Distillation, "
+        "the reference code's optimize mode). Connect a content latent for style or appearance "
+        "transfer, or an Empty Latent Image for texture synthesis from seeded noise (any size). "
+        "Decode the result with VAE Decode."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "optimize"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The optimized latent, in ComfyUI's LATENT space (ready for VAE Decode).",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The same model the reference was captured with (LoRA-patched models work)."}),
+                "reference": (AD_REFERENCE, {"tooltip": "From Capture Reference Attention."}),
+                "latent": (
+                    "LATENT",
+                    {"tooltip": "Start point: the content latent (VAE Encode of the photo) for transfer, "
+                     "or Empty Latent Image for texture synthesis from noise."},
+                ),
+                "steps": ("INT", {"default": 200, "min": 1, "max": 1000,
+                                  "tooltip": "Timesteps of the descending DDIM schedule (reference: 200 transfer, 300 texture)."}),
+                "lr": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 1.0, "step": 0.005,
+                                 "tooltip": "Adam learning rate on the latent (reference: 0.05). 0 returns the start latent."}),
+                "iterations": ("INT", {"default": 1, "min": 0, "max": 20,
+                                       "tooltip": "Adam steps per timestep (reference: 1). 0 returns the start latent."}),
+                "content_weight": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 10.0, "step": 0.01,
+                                             "tooltip": "Weight of the content (query) loss. Lower it if the content leaks; 0 for textures."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Seed of the start noise when the latent is empty (texture synthesis)."}),
+            },
+            "optional": {
+                "content": ("LATENT", {"tooltip": "Content target of the content loss. Default: the start latent when it is not empty."}),
+                "target_mask": ("MASK", {"tooltip": "Region labels of the result (same grey levels as the reference mask) for controlled synthesis."}),
+            },
+        }
+
+    def optimize(self, model, reference, latent, steps, lr, iterations, content_weight, seed, content=None, target_mask=None):
+        import comfy.utils
+
+        with reported_as(NODE):
+            require(isinstance(reference, ADReference), NODE, "'reference' must come from Capture Reference Attention")
+            base = model.model
+            check_sd_unet(base)
+            channels = latent_channels(base)
+            samples = latent_samples(NODE, latent, "latent", channels)
+            steps = whole_number(NODE, steps, "steps", 1, 1000)
+            iterations = whole_number(NODE, iterations, "iterations", 0, 1000)
+            lr = finite_number(NODE, lr, "lr", minimum=0.0)
+            content_weight = finite_number(NODE, content_weight, "content_weight", minimum=0.0)
+            content_samples = latent_samples(NODE, content, "content", channels) if content is not None else None
+            labels = None
+            if target_mask is not None:
+                require(reference.labels is not None, NODE,
+                        "a target mask needs region labels on the reference too: connect reference_mask on Capture Reference Attention")
+                labels = labels_from_mask(mask_batch(NODE, target_mask, "target_mask", samples.shape[0]))
+
+            empty = is_empty_latent(samples)
+            start = seeded_noise(samples, seed) if empty else None
+            if content_samples is None and not empty:
+                content_samples = samples
+            if lr == 0 or iterations == 0:
+                log.info("%s: lr or iterations is 0, returning the start latent unchanged", NODE)
+
+            load_for_ad(model, tuple(samples.shape))
+            session = ADModelSession(model, reference)
+            progress = comfy.utils.ProgressBar(steps)
+
+            def on_iteration(report: IterationReport) -> None:
+                check_interrupt()
+                if report.iteration == iterations - 1:
+                    progress.update_absolute(report.step + 1)
+
+            with autograd_through(base.diffusion_model):
+                if start is None:
+                    init = session.to_model_space(samples)
+                else:
+                    init = start.detach().clone().to(session.device, torch.float32)
+                if lr == 0 or iterations == 0:
+                    result = init
+                else:
+                    content_unet = session.to_model_space(content_samples) if content_samples is not None else None
+                    settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
+                    result = optimize_latent(session, init, settings, content=content_unet,
+                                             target_labels=labels, on_iteration=on_iteration)
+                out = session.to_latent_space(result).to(samples.device, samples.dtype)
+            progress.update_absolute(steps)
+            output = {k: v for k, v in latent.items() if k != "noise_mask"}
+            output["samples"] = out
+            return (output,)
