@@ -12,7 +12,7 @@ from .cache import ReferenceKV
 from .layers import SelfAttentionLayer, select_layers
 from .recorder import LayerRecord
 from .reference import ADReference
-from .unet_pass import UNetFeaturePass, check_sd_unet, conditioning_kwargs
+from .unet_pass import UNetFeaturePass, check_sd_unet, conditioning_kwargs, latent_dtype
 
 
 class ADModelSession:
@@ -34,7 +34,7 @@ class ADModelSession:
     # -- inputs -----------------------------------------------------------------
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
         """ComfyUI LATENT (raw VAE) → the scaled latent the UNet works on (DESIGN §2.1)."""
-        return self.base_model.process_latent_in(latent.detach().clone().to(self.device, torch.float32))
+        return self.base_model.process_latent_in(latent.detach().clone().to(self.device, latent_dtype(latent)))
 
     def to_latent_space(self, latent: torch.Tensor) -> torch.Tensor:
         return self.base_model.process_latent_out(latent.detach().clone())

@@ -37,6 +37,11 @@ def latent_channels(base_model: Any) -> int:
     return int(getattr(base_model.latent_format, "latent_channels", 4))
 
 
+def latent_dtype(latent: torch.Tensor) -> torch.dtype:
+    """Latents, losses and Adam stay in float32 at least, whatever the UNet computes in."""
+    return torch.promote_types(latent.dtype, torch.float32)
+
+
 def unet_dtype(base_model: Any) -> torch.dtype:
     """The dtype ComfyUI computes the UNet in (manual cast where the weights are stored lower)."""
     dtype = base_model.get_dtype()

@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses in float32 at least (fp16/bf16 UNets), float64 when the UNet runs in it."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attention_target(
     q: torch.Tensor,
     k_ref: torch.Tensor,
@@ -33,12 +38,13 @@ def ad_loss(
     attn_scale: float = 1.0,
     masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Σ over layers of mean |out − target|, computed in float32."""
+    """Σ over layers of mean |out − target|, accumulated in float32 or wider."""
     total = None
     for i, (q, out, k_ref, v_ref) in enumerate(zip(queries, outputs, ref_keys, ref_values, strict=True)):
         mask = masks[i] if masks is not None else None
         target = attention_target(q, k_ref.to(q.dtype), v_ref.to(q.dtype), attn_scale, mask)
-        term = (out.float() - target.float()).abs().mean()
+        acc = _accumulation_dtype(out.dtype)
+        term = (out.to(acc) - target.to(acc)).abs().mean()
         total = term if total is None else total + term
     if total is None:
         raise ValueError("no AD layers")
@@ -49,7 +55,8 @@ def content_loss(queries: Sequence[torch.Tensor], content_queries: Sequence[torc
     """Σ over layers of mean |q − q_content| (the content latent's batch broadcasts)."""
     total = None
     for q, qc in zip(queries, content_queries, strict=True):
-        term = (q.float() - qc.float().expand_as(q)).abs().mean()
+        acc = _accumulation_dtype(q.dtype)
+        term = (q.to(acc) - qc.to(acc).expand_as(q)).abs().mean()
         total = term if total is None else total + term
     if total is None:
         raise ValueError("no AD layers")

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.cache import ReferenceKV
+from ..attention.recorder import LayerRecord
 from ..attention.session import ADModelSession
+from ..attention.unet_pass import latent_dtype
 from .losses import ad_loss, content_loss, labels_at, region_attention_mask
 from .schedule import ddim_timesteps
 
@@ -34,20 +36,34 @@ class IterationReport:
     skipped: bool = False
 
 
-def layer_masks(
-    reference_labels: torch.Tensor | None, target_labels: torch.Tensor | None, refs: list[ReferenceKV], batch: int
-) -> list[torch.Tensor | None] | None:
-    """Region masks per layer (reference labels (R,H,W) and target labels (B or 1,H,W)), or None."""
-    if reference_labels is None or target_labels is None:
+class RegionMasks:
+    """Boolean attention masks per layer from reference labels (R, H, W) and target labels
+    (B or 1, H, W), built once per (reference grid, target grid)."""
+
+    def __init__(self, reference_labels: torch.Tensor, target_labels: torch.Tensor) -> None:
+        self.reference_labels = reference_labels
+        self.target_labels = target_labels
+        self._built: dict[tuple, torch.Tensor] = {}
+
+    def for_layers(self, refs: list[ReferenceKV], records: list[LayerRecord]) -> list[torch.Tensor | None]:
+        masks: list[torch.Tensor | None] = []
+        for ref, rec in zip(refs, records, strict=True):
+            batch = rec.q.shape[0]
+            key = (ref.hw, rec.hw, batch, ref.k.device)
+            if key not in self._built:
+                ref_tokens = labels_at(self.reference_labels.to(ref.k.device), ref.hw).reshape(-1)
+                tgt_tokens = labels_at(self.target_labels.to(ref.k.device), rec.hw)
+                if tgt_tokens.shape[0] != batch:
+                    tgt_tokens = tgt_tokens[:1].expand(batch, -1)
+                self._built[key] = region_attention_mask(tgt_tokens, ref_tokens)
+            masks.append(self._built[key])
+        return masks
+
+
+def region_masks(session: ADModelSession, target_labels: torch.Tensor | None) -> RegionMasks | None:
+    if target_labels is None or session.reference.labels is None:
         return None
-    masks: list[torch.Tensor | None] = []
-    for ref in refs:
-        ref_tokens = labels_at(reference_labels.to(ref.k.device), ref.hw).reshape(-1)
-        tgt_tokens = labels_at(target_labels.to(ref.k.device), ref.hw)
-        if tgt_tokens.shape[0] != batch:
-            tgt_tokens = tgt_tokens[:1].expand(batch, -1)
-        masks.append(region_attention_mask(tgt_tokens, ref_tokens))
-    return masks
+    return RegionMasks(session.reference.labels, target_labels)
 
 
 def ad_objective(
@@ -57,7 +73,7 @@ def ad_objective(
     refs: list[ReferenceKV],
     content_queries: list[torch.Tensor] | None,
     content_weight: float,
-    masks: list[torch.Tensor | None] | None,
+    masks: RegionMasks | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Total loss, AD loss and content loss of the latent `x` (the UNet input) at `timestep`."""
     records = session.features(x, timestep)
@@ -67,7 +83,7 @@ def ad_objective(
         [ref.k for ref in refs],
         [ref.v for ref in refs],
         attn_scale=session.reference.attn_scale,
-        masks=masks,
+        masks=masks.for_layers(refs, records) if masks is not None else None,
     )
     if content_queries is None:
         return ad, ad, None
@@ -87,13 +103,13 @@ def optimize_latent(
 
     Must run inside `autograd_through(diffusion_model)`.
     """
-    x = init.detach().float().clone().requires_grad_(True)
+    x = init.detach().to(latent_dtype(init)).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=settings.lr)
     use_content = content is not None and settings.content_weight != 0
     warned = False
+    masks = region_masks(session, target_labels)
     for step, timestep in enumerate(ddim_timesteps(settings.steps)):
         refs = session.reference_kv(timestep)
-        masks = layer_masks(session.reference.labels, target_labels, refs, x.shape[0])
         content_q = session.queries(content, timestep) if use_content else None
         for iteration in range(settings.iterations):
             optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ import torch
 
 from ..attention.reference import ADReference
 from ..attention.session import ADModelSession
-from ..attention.unet_pass import check_sd_unet, latent_channels
+from ..attention.unet_pass import check_sd_unet, latent_channels, latent_dtype
 from ..guidance.autograd import autograd_through
 from ..guidance.losses import labels_from_mask
 from ..guidance.optimize import IterationReport, OptimizeSettings, optimize_latent
@@ -113,7 +113,7 @@ class LatentADOptimize:
                 if start is None:
                     init = session.to_model_space(samples)
                 else:
-                    init = start.detach().clone().to(session.device, torch.float32)
+                    init = start.detach().clone().to(session.device, latent_dtype(samples))
                 if lr == 0 or iterations == 0:
                     result = init
                 else:

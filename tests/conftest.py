@@ -20,3 +20,12 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 @pytest.fixture(scope="session")
 def pack():
     return load_pack()
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(tmp_path_factory):
+    """Path of the SD15-detectable random checkpoint and its LoRA."""
+    from checkpoints import write_sd15_checkpoint, write_sd15_lora
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    return write_sd15_checkpoint(folder / "tiny_sd15.safetensors"), write_sd15_lora(folder / "tiny_sd15_lora.safetensors")
