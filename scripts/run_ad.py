@@ -19,18 +19,18 @@ With --checkpoint (an SD1.5 or SDXL single-file .safetensors) it uses the refere
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import hashlib
 import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.append(str(REPO / "tests"))  # shared helpers: comfy_env (boot), pack_loader, checkpoints
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "reference-images"
 CONTENT_IMAGE = "content-deer.jpg"
 STYLE_IMAGE = "style-1.jpg"
@@ -45,8 +45,9 @@ TEXTURE_SETTINGS = {"steps": 300, "lr": 0.05, "iterations": 1, "content_weight":
 RANDOM_SIZE = 256
 RANDOM_STEPS = 10
 
-# Bump when the random checkpoint's recipe changes, so a stale cached file is not reused.
-RANDOM_CKPT_NAME = "random-sd15-tiny-unet-v1.safetensors"
+# Bump when the random checkpoint's recipe changes, so a stale cached file is not reused (the UNet
+# configuration is part of the file name too).
+RANDOM_RECIPE = 1
 RANDOM_WARNING = (
     "NOTE: no --checkpoint given, so this run uses a RANDOM-WEIGHT model (a small SD1.5-format UNet and a\n"
     "      full-size SD VAE, no text encoder). It exercises the real pipeline end to end, but the\n"
@@ -90,10 +91,8 @@ def boot_comfy(comfyui: Path | None, force_cpu: bool) -> None:
         if not (comfyui / "comfy" / "sd.py").is_file():
             sys.exit(f"error: {comfyui} is not a ComfyUI source tree (no comfy/sd.py)")
         sys.path.insert(0, str(comfyui.resolve()))
-    sys.path.insert(0, str(REPO / "tests"))
-    from comfy_env import stub_torchvision  # the tests' CPU boot helper: stubs torchvision only where it is broken
+    from comfy_env import stub_torchvision  # stubs torchvision only where it cannot be imported
 
-    sys.path.pop(0)
     stub_torchvision()
     import comfy.cli_args
 
@@ -101,15 +100,6 @@ def boot_comfy(comfyui: Path | None, force_cpu: bool) -> None:
     if force_cpu or not (torch.cuda.is_available() or (mps is not None and mps.is_available())):
         comfy.cli_args.args.cpu = True
     import comfy.model_management  # reads args.cpu when first imported
-
-
-def load_pack(name: str = PACK_NAME) -> ModuleType:
-    """Import the repository as ComfyUI imports a custom node folder: by path, under an arbitrary name."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- the random-weight checkpoint -----------------------------------------------------------------------
@@ -142,19 +132,12 @@ def build_random_checkpoint(path: Path, seed: int = 0) -> None:
     a one-level UNet (320 channels, 768 context, conv proj_in, 3 self-attention layers, ~21M
     parameters) and a full-size SD VAE. No text encoder: the run uses zero conditioning."""
     import comfy.ops
-    import comfy.supported_models
     import safetensors.torch
+    from checkpoints import SD15_DETECTABLE_UNET  # the tests' SD15-detectable UNet configuration
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet_config = dict(
-        comfy.supported_models.SD15.unet_config,  # what detection matches: 320 channels, 768 context, conv proj_in
-        **comfy.supported_models.SD15.unet_extra_config,
-        image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True, legacy=False,
-        use_checkpoint=False, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
-        transformer_depth_output=[1, 1], transformer_depth_middle=-1,  # middle block without a transformer
-    )
-    unet = UNetModel(**unet_config, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
+    unet = UNetModel(**SD15_DETECTABLE_UNET, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
     # The SD1.x/SD2.x VAE, as comfy.sd.VAE builds it for a state dict with `quant_conv`.
     vae_config = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
@@ -174,7 +157,10 @@ def build_random_checkpoint(path: Path, seed: int = 0) -> None:
 
 
 def random_checkpoint(cache: Path) -> Path:
-    path = cache / RANDOM_CKPT_NAME
+    from checkpoints import SD15_DETECTABLE_UNET
+
+    key = hashlib.sha256(repr((RANDOM_RECIPE, sorted(SD15_DETECTABLE_UNET.items()))).encode()).hexdigest()[:12]
+    path = cache / f"random-sd15-{key}.safetensors"
     if path.is_file():
         print(f"random-weight checkpoint: {path} (cached)")
         return path
@@ -220,19 +206,20 @@ def empty_prompt_conditioning(clip, random_weights: bool) -> list:
     return [[cond, {"pooled_output": pooled}]]
 
 
-def check_tokenizer_files() -> None:
-    """The ComfyUI core on PyPI (notcomfy) ships without CLIP's vocabulary files, so it cannot
-    tokenize a prompt; say what to do instead of failing deep inside transformers."""
+def check_text_encoder_files() -> None:
+    """The ComfyUI core on PyPI (notcomfy) ships without CLIP's tokenizer and configuration files, so
+    it cannot load a checkpoint's text encoder; say what to do instead of failing deep inside it."""
     import comfy
 
-    folder = Path(comfy.__file__).parent / "sd1_tokenizer"
-    if not (folder / "vocab.json").is_file():
+    core = Path(comfy.__file__).parent
+    missing = [name for name in ("sd1_tokenizer/vocab.json", "sd1_clip_config.json") if not (core / name).is_file()]
+    if missing:
         sys.exit(
-            f"error: this ComfyUI core ({Path(comfy.__file__).parent}) has no CLIP tokenizer files, so it cannot\n"
-            "       encode the empty prompt of a real checkpoint (the `notcomfy` package from PyPI lacks them).\n"
-            "       Run with a ComfyUI checkout, e.g. from ComfyUI's own Python environment:\n"
-            "         COMFYUI_PATH=/path/to/ComfyUI AD_PYTHON=/path/to/ComfyUI/python bash scripts/quickstart.sh "
-            "--checkpoint MODEL.safetensors"
+            f"error: this ComfyUI core ({core}) lacks {', '.join(missing)}, so it cannot load the text encoder\n"
+            "       that encodes the empty prompt of a real checkpoint (the `notcomfy` package from PyPI ships\n"
+            "       without them). Run with a ComfyUI checkout, from ComfyUI's own Python environment:\n"
+            "         COMFYUI_PATH=/path/to/ComfyUI AD_PYTHON=/path/to/ComfyUI/venv/bin/python \\\n"
+            "           bash scripts/quickstart.sh --checkpoint MODEL.safetensors"
         )
 
 
@@ -292,15 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     import comfy
     import comfy.model_management
     import comfy.sd
+    from pack_loader import load_pack
 
-    pack = load_pack()
+    pack = load_pack(PACK_NAME)  # by path, under an arbitrary package name, as ComfyUI loads custom nodes
     print(f"ComfyUI core: {Path(comfy.__file__).parent}; device: {comfy.model_management.get_torch_device()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"pack loaded by path from {REPO} as '{PACK_NAME}': {', '.join(pack.NODE_DISPLAY_NAME_MAPPINGS.values())}")
 
     checkpoint = random_checkpoint(args.cache) if random_weights else args.checkpoint
     if not random_weights:
-        check_tokenizer_files()
+        check_text_encoder_files()
     prefix = "random-weights_" if random_weights else ""
     written: list[Path] = []
     with torch.inference_mode():  # as ComfyUI's executor runs every node
