@@ -93,12 +93,13 @@ class LatentADOptimize:
                         "a target mask needs region labels on the reference too: connect reference_mask on Capture Reference Attention")
                 labels = labels_from_mask(mask_batch(NODE, target_mask, "target_mask", samples.shape[0]))
 
+            if lr == 0 or iterations == 0:
+                log.warning("%s: lr or iterations is 0, so the node does nothing and returns its latent unchanged", NODE)
+                return (latent,)
             empty = is_empty_latent(samples)
             start = seeded_noise(samples, seed) if empty else None
             if content_samples is None and not empty:
                 content_samples = samples
-            if lr == 0 or iterations == 0:
-                log.info("%s: lr or iterations is 0, returning the start latent unchanged", NODE)
 
             load_for_ad(model, tuple(samples.shape))
             session = ADModelSession(model, reference)
@@ -114,15 +115,11 @@ class LatentADOptimize:
                     init = session.to_model_space(samples)
                 else:
                     init = start.detach().clone().to(session.device, latent_dtype(samples))
-                if lr == 0 or iterations == 0:
-                    result = init
-                else:
-                    content_unet = session.to_model_space(content_samples) if content_samples is not None else None
-                    settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
-                    result = optimize_latent(session, init, settings, content=content_unet,
-                                             target_labels=labels, on_iteration=on_iteration)
+                content_unet = session.to_model_space(content_samples) if content_samples is not None else None
+                settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
+                result = optimize_latent(session, init, settings, content=content_unet,
+                                         target_labels=labels, on_iteration=on_iteration)
                 out = session.to_latent_space(result).to(samples.device, samples.dtype)
-            progress.update_absolute(steps)
             output = {k: v for k, v in latent.items() if k != "noise_mask"}
             output["samples"] = out
             return (output,)
