@@ -86,6 +86,7 @@ class LatentADOptimize:
             iterations = whole_number(NODE, iterations, "iterations", 0, 1000)
             lr = finite_number(NODE, lr, "lr", minimum=0.0)
             content_weight = finite_number(NODE, content_weight, "content_weight", minimum=0.0)
+            seed = whole_number(NODE, seed, "seed", 0, MAX_SEED)
             content_samples = latent_samples(NODE, content, "content", channels) if content is not None else None
             labels = None
             if target_mask is not None:
