@@ -19,14 +19,20 @@ class ADModelSession:
     """Binds an AD_REFERENCE to a loaded ModelPatcher. Call the passes inside the autograd
     context of guidance/ so that tensors are normal (non-inference) ones."""
 
-    def __init__(self, patcher: Any, reference: ADReference, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        patcher: Any,
+        reference: ADReference,
+        device: torch.device | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
         base = patcher.model
         check_sd_unet(base)
         self.base_model = base
         self.reference = reference
         self.device = device if device is not None else patcher.load_device
         self.layers: list[SelfAttentionLayer] = select_layers(base.diffusion_model, reference.layer_spec)
-        self.unet_pass = UNetFeaturePass(base, self.layers)
+        self.unet_pass = UNetFeaturePass(base, self.layers, checkpoint=gradient_checkpointing)
         self.model_key = (id(base), getattr(patcher, "patches_uuid", None), tuple(layer.patch_key for layer in self.layers))
         self._ref_latent: torch.Tensor | None = None
         self._cond_cache: dict[tuple, dict[str, torch.Tensor]] = {}

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .layers import SelfAttentionLayer
+from .checkpointing import checkpointed_forward
 from .recorder import AttentionRecorder, LayerRecord, StopForward
 
 
@@ -88,11 +89,14 @@ def _backward_capable_attention(func, *args, **kwargs):
 class UNetFeaturePass:
     """Runs the diffusion model on (UNet input, timestep) with a recorder on the AD layers."""
 
-    def __init__(self, base_model: Any, layers: list[SelfAttentionLayer], stop_early: bool = True) -> None:
+    def __init__(
+        self, base_model: Any, layers: list[SelfAttentionLayer], stop_early: bool = True, checkpoint: bool = False
+    ) -> None:
         self.base_model = base_model
         self.diffusion_model = base_model.diffusion_model
         self.layers = list(layers)
         self.stop_early = stop_early
+        self.checkpoint = checkpoint
         self.dtype = unet_dtype(base_model)
 
     def run(self, unet_input: torch.Tensor, timestep: float, cond: dict[str, torch.Tensor]) -> list[LayerRecord]:
@@ -111,10 +115,12 @@ class UNetFeaturePass:
                 value = value[:1].expand(batch, *value.shape[1:])
             kwargs[name] = value.to(self.dtype) if value.is_floating_point() else value
         context = kwargs.pop("context")
+        x = unet_input.to(self.dtype)
+        if self.checkpoint and x.requires_grad:
+            checkpointed_forward(self.diffusion_model, x, timesteps, context, recorder, options, y=kwargs.get("y"))
+            return recorder.ordered()
         try:
-            self.diffusion_model(
-                unet_input.to(self.dtype), timesteps, context=context, control=None, transformer_options=options, **kwargs
-            )
+            self.diffusion_model(x, timesteps, context=context, control=None, transformer_options=options, **kwargs)
         except StopForward:
             pass
         return recorder.ordered()

@@ -25,3 +25,26 @@ def check_interrupt() -> None:
     import comfy.model_management
 
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+CHECKPOINTING_CHOICES = ["auto", "on", "off"]
+CHECKPOINTING_INPUT = (
+    CHECKPOINTING_CHOICES,
+    {
+        "default": "auto",
+        "tooltip": "Gradient checkpointing of the differentiated UNet pass: less memory, about one more forward "
+        "per iteration. auto = on for SDXL-class models at 1024x1024 and above.",
+    },
+)
+AUTO_CHECKPOINT_PIXELS = 1024 * 1024
+
+
+def use_checkpointing(choice: str, patcher: Any, latent_shape: tuple[int, ...]) -> bool:
+    """Resolve the gradient checkpointing choice for this model and latent size."""
+    if choice == "on":
+        return True
+    if choice == "off":
+        return False
+    sdxl_class = getattr(patcher.model.diffusion_model, "num_classes", None) is not None
+    pixels = int(latent_shape[-1]) * int(latent_shape[-2]) * 64
+    return sdxl_class and pixels >= AUTO_CHECKPOINT_PIXELS

@@ -12,7 +12,15 @@ from ..attention.unet_pass import check_sd_unet, latent_channels, latent_dtype
 from ..guidance.autograd import autograd_through
 from ..guidance.losses import labels_from_mask
 from ..guidance.optimize import IterationReport, OptimizeSettings, optimize_latent
-from .common import AD_REFERENCE, CATEGORY, check_interrupt, load_for_ad
+from .common import (
+    AD_REFERENCE,
+    CATEGORY,
+    CHECKPOINTING_CHOICES,
+    CHECKPOINTING_INPUT,
+    check_interrupt,
+    load_for_ad,
+    use_checkpointing,
+)
 from .errors import reported_as, require
 from .inputs import finite_number, latent_samples, mask_batch, whole_number
 
@@ -70,10 +78,12 @@ class LatentADOptimize:
             "optional": {
                 "content": ("LATENT", {"tooltip": "Content target of the content loss. Default: the start latent when it is not empty."}),
                 "target_mask": ("MASK", {"tooltip": "Region labels of the result (same grey levels as the reference mask) for controlled synthesis."}),
+                "gradient_checkpointing": CHECKPOINTING_INPUT,
             },
         }
 
-    def optimize(self, model, reference, latent, steps, lr, iterations, content_weight, seed, content=None, target_mask=None):
+    def optimize(self, model, reference, latent, steps, lr, iterations, content_weight, seed, content=None,
+                 target_mask=None, gradient_checkpointing="auto"):
         import comfy.utils
 
         with reported_as(NODE):
@@ -103,7 +113,10 @@ class LatentADOptimize:
                 content_samples = samples
 
             load_for_ad(model, tuple(samples.shape))
-            session = ADModelSession(model, reference)
+            require(gradient_checkpointing in CHECKPOINTING_CHOICES, NODE,
+                    f"'gradient_checkpointing' must be one of {CHECKPOINTING_CHOICES}")
+            checkpointing = use_checkpointing(gradient_checkpointing, model, tuple(samples.shape))
+            session = ADModelSession(model, reference, gradient_checkpointing=checkpointing)
             progress = comfy.utils.ProgressBar(steps)
 
             def on_iteration(report: IterationReport) -> None:
