@@ -84,13 +84,21 @@ class ADModelSession:
                 out.append(ReferenceKV(k=k, v=v, hw=rec.hw))
             return out
 
-        return self.reference.cache.get_or_compute(key, compute)
+        return self.reference.cache.get_or_compute(key, compute, self.device)
 
-    def queries(self, unet_input: torch.Tensor, timestep: float) -> list[torch.Tensor]:
-        """Queries of a latent (no gradient): the content-loss target."""
-        with torch.no_grad():
-            records = self.unet_pass.run(unet_input, timestep, self.null_cond(unet_input))
-        return [rec.q.detach() for rec in records]
+    def queries(self, unet_input: torch.Tensor, timestep: float, cache_key: Any = None) -> list[torch.Tensor]:
+        """Queries of a latent (no gradient): the content-loss target. With `cache_key` (which
+        must identify the latent) they are cached like the reference's keys/values."""
+
+        def compute() -> list[torch.Tensor]:
+            with torch.no_grad():
+                records = self.unet_pass.run(unet_input, timestep, self.null_cond(unet_input))
+            return [rec.q.detach() for rec in records]
+
+        if cache_key is None:
+            return compute()
+        key = (self.model_key, float(timestep), "content-queries", cache_key)
+        return self.reference.cache.get_or_compute(key, compute, self.device)
 
     def features(self, unet_input: torch.Tensor, timestep: float) -> list[LayerRecord]:
         """Differentiable features of the latent being optimized."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.cache import ReferenceKV
+from ..attention.cache import ReferenceKV, tensor_digest
 from ..attention.recorder import LayerRecord
 from ..attention.session import ADModelSession
 from ..attention.unet_pass import latent_dtype
@@ -108,9 +108,10 @@ def optimize_latent(
     use_content = content is not None and settings.content_weight != 0
     warned = False
     masks = region_masks(session, target_labels)
+    content_key = tensor_digest(content) if use_content else None
     for step, timestep in enumerate(ddim_timesteps(settings.steps)):
         refs = session.reference_kv(timestep)
-        content_q = session.queries(content, timestep) if use_content else None
+        content_q = session.queries(content, timestep, cache_key=content_key) if use_content else None
         for iteration in range(settings.iterations):
             optimizer.zero_grad(set_to_none=True)
             loss, ad, cl = ad_objective(session, x, timestep, refs, content_q, settings.content_weight, masks)

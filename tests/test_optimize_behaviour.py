@@ -98,14 +98,28 @@ def test_input_model_is_unchanged(pack):
     assert all(p.is_inference() and p.grad is None for p in params_after), "an alias or a gradient was left behind"
 
 
-def test_reference_features_are_cached_across_runs(setup):
+def test_reference_and_content_features_are_cached_across_runs(setup):
     patcher, _, reference, content = setup
     ref = capture(patcher, reference, tm.conditioning("sd15"))
-    first = optimize(patcher, ref, content, steps=4, iterations=2, weight=0.0)
-    assert (ref.cache.misses, ref.cache.hits) == (4, 0)
-    second = optimize(patcher, ref, content, steps=4, iterations=2, weight=0.0)
-    assert (ref.cache.misses, ref.cache.hits) == (4, 4)
+    first = optimize(patcher, ref, content, steps=4, iterations=2, weight=0.5)
+    assert (ref.cache.misses, ref.cache.hits) == (8, 0)  # reference and content, per timestep
+    second = optimize(patcher, ref, content, steps=4, iterations=2, weight=0.5)
+    assert (ref.cache.misses, ref.cache.hits) == (8, 8)
     assert torch.equal(first, second)
+    optimize(patcher, ref, content * 1.5, steps=4, iterations=2, weight=0.5)
+    assert (ref.cache.misses, ref.cache.hits) == (12, 12), "another content latent must not hit"
+
+
+def test_cache_keeps_what_fits_in_its_budget(pack):
+    from attention_distillation_pack.attention.cache import FeatureCache
+
+    cache = FeatureCache(budget_bytes=3 * 4 * 10)
+    calls = []
+    for _ in range(2):
+        for step in range(5):
+            cache.get_or_compute(step, lambda step=step: calls.append(step) or [torch.zeros(10)])
+    assert calls == [0, 1, 2, 3, 4, 3, 4], "the first entries that fit stay; later ones are recomputed"
+    assert (cache.hits, cache.misses, cache.not_stored, cache.stored_bytes) == (3, 7, 4, 120)
 
 
 def test_progress_and_cancel(setup):
