@@ -1,14 +1,17 @@
 """ComfyUI node classes of the pack."""
 
 from .capture import CaptureReferenceAttention
+from .guidance import ADLossGuidance
 from .optimize import LatentADOptimize
 
 NODE_CLASS_MAPPINGS = {
     "CaptureReferenceAttention": CaptureReferenceAttention,
     "LatentADOptimize": LatentADOptimize,
+    "ADLossGuidance": ADLossGuidance,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "CaptureReferenceAttention": "Capture Reference Attention",
     "LatentADOptimize": "Latent AD Optimize",
+    "ADLossGuidance": "AD Loss Guidance",
 }
