@@ -20,8 +20,8 @@ class ADNodeError(ValueError):
 
 
 OOM_ADVICE = (
-    "out of memory during an Attention Distillation pass; lower the resolution or batch size, "
-    "select fewer or lower-resolution layers, or use fewer references"
+    "out of memory during an Attention Distillation pass; set gradient_checkpointing to 'on', lower the "
+    "resolution or batch size, select fewer or lower-resolution layers, or use fewer references"
 )
 
 
