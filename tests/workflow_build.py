@@ -1,0 +1,551 @@
+"""Build the shipped workflows (workflows/*.json, UI format, and workflows/api/*.json, their API twins)
+from the node definitions: widget order and defaults come from the core nodes' /object_info (the
+fixture) and from this pack's INPUT_TYPES, so a workflow cannot name an input that does not exist.
+
+    python tests/workflow_build.py          # rewrite workflows/ (run with the tests' venv)
+    python tests/workflow_build.py --check  # exit 1 when workflows/ differs from what would be written
+
+tests/test_workflows.py checks the written files on their own terms (types, links, widget values,
+conversion) and that they are what this script writes.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import workflow_tools as wt  # noqa: E402
+
+FRONTEND_VERSION = "1.27.10"  # comfyui-frontend-package pinned by ComfyUI v0.3.64
+COMFY_VERSION = "0.3.64"
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+LORA = "MoXinV1.safetensors"
+CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
+# Download links shown by the frontend's missing-models dialog (the same links as ComfyUI's own templates).
+MODEL_URLS = {
+    SD15: ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                          "v1-5-pruned-emaonly-fp16.safetensors?download=true"),
+    SDXL: ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                          "sd_xl_base_1.0.safetensors?download=true"),
+    LORA: ("loras", "https://civitai.com/api/download/models/14856?type=Model&format=SafeTensor&size=full&fp=fp16"),
+    CONTROLNET: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                               "control_v11p_sd15_canny_fp16.safetensors?download=true"),
+}
+# Display names of the core nodes (ComfyUI v0.3.64's NODE_DISPLAY_NAME_MAPPINGS; /object_info dumps of
+# that version carry none). Every node gets an explicit title, so the API twin's _meta.title is what
+# the frontend writes. The executor tests compare this table with the running ComfyUI.
+CORE_TITLES = {
+    "CheckpointLoaderSimple": "Load Checkpoint",
+    "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+    "ControlNetApplyAdvanced": "Apply ControlNet",
+    "ControlNetLoader": "Load ControlNet Model",
+    "Canny": "Canny",
+    "EmptyLatentImage": "Empty Latent Image",
+    "ImageScale": "Upscale Image",
+    "ImageToMask": "Convert Image to Mask",
+    "KSampler": "KSampler",
+    "LoadImage": "Load Image",
+    "LoraLoader": "Load LoRA",
+    "PreviewImage": "Preview Image",
+    "SaveImage": "Save Image",
+    "VAEDecode": "VAE Decode",
+    "VAEEncode": "VAE Encode",
+}
+POSITIVE_COLORS = ("#232", "#353")
+NEGATIVE_COLORS = ("#322", "#533")
+NOTE_COLORS = ("#432", "#653")
+PACK_COLORS = ("#223", "#335")
+DEFAULT_SIZES = {
+    "CheckpointLoaderSimple": (315, 98),
+    "LoraLoader": (315, 126),
+    "CLIPTextEncode": (400, 160),
+    "LoadImage": (315, 314),
+    "ImageScale": (315, 130),
+    "ImageToMask": (315, 58),
+    "VAEEncode": (210, 46),
+    "VAEDecode": (210, 46),
+    "EmptyLatentImage": (315, 106),
+    "KSampler": (315, 262),
+    "SaveImage": (400, 440),
+    "PreviewImage": (300, 320),
+    "Canny": (315, 82),
+    "ControlNetLoader": (380, 58),
+    "ControlNetApplyAdvanced": (315, 186),
+    "CaptureReferenceAttention": (340, 150),
+    "LatentADOptimize": (340, 262),
+    "ADLossGuidance": (340, 290),
+}
+
+
+def pack_identity() -> tuple[str, str]:
+    """The registry id and version of this pack, from pyproject.toml (what ComfyUI-Manager looks up)."""
+    text = (wt.REPO / "pyproject.toml").read_text(encoding="utf-8")
+    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
+    name = re.search(r'^name\s*=\s*"([^"]+)"', project, re.M).group(1)
+    version = re.search(r'^version\s*=\s*"([^"]+)"', project, re.M).group(1)
+    return name, version
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[float, float]
+    size: tuple[float, float]
+    widgets: list[Any]
+    title: str | None = None
+    colors: tuple[str, str] | None = None
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    properties: dict = field(default_factory=dict)
+
+    def out(self, slot: int | str = 0) -> tuple[Node, int | str]:
+        return self, slot
+
+
+class Graph:
+    """A UI-format workflow under construction."""
+
+    def __init__(self, name: str, defs: dict[str, wt.NodeDef]) -> None:
+        self.name = name
+        self.defs = defs
+        self.nodes: list[Node] = []
+        self.links: list[list] = []
+        self.pack_id, self.pack_version = pack_identity()
+
+    def add(self, type_: str, pos: tuple[float, float], widgets: dict | None = None,
+            inputs: dict[str, tuple[Node, int | str]] | None = None, *, title: str | None = None,
+            colors: tuple[str, str] | None = None, size: tuple[float, float] | None = None) -> Node:
+        definition = self.defs[type_]
+        widgets = dict(widgets or {})
+        values = []
+        for slot in definition.widget_slots:
+            if slot.kind == "control":
+                values.append("fixed")
+            elif slot.kind == "upload":
+                values.append("image")
+            elif slot.input.name in widgets:
+                values.append(widgets.pop(slot.input.name))
+            elif "default" in slot.input.options:
+                values.append(slot.input.options["default"])
+            elif slot.input.type == "COMBO" and slot.input.choices:
+                values.append(slot.input.choices[0])
+            else:
+                raise ValueError(f"{self.name}: {type_}.{slot.input.name} needs a value")
+        if widgets:
+            raise ValueError(f"{self.name}: {type_} has no widgets {sorted(widgets)}")
+        title = title or (definition.display_name if definition.origin == "pack" else CORE_TITLES[type_])
+        node = Node(len(self.nodes) + 1, type_, pos, size or DEFAULT_SIZES.get(type_, (315, 100)), values,
+                    title=title, colors=colors)
+        if definition.origin == "pack":
+            node.properties = {"cnr_id": self.pack_id, "ver": self.pack_version, "Node name for S&R": type_}
+            node.colors = node.colors or PACK_COLORS
+        else:
+            node.properties = {"cnr_id": "comfy-core", "ver": COMFY_VERSION, "Node name for S&R": type_}
+        models = [v for v in values if isinstance(v, str) and v in MODEL_URLS]
+        if models:
+            node.properties["models"] = [
+                {"name": m, "url": MODEL_URLS[m][1], "directory": MODEL_URLS[m][0]} for m in models
+            ]
+        node.inputs = [{"name": i.name, "type": i.type, "link": None} for i in definition.inputs if not i.is_widget]
+        node.outputs = [
+            {"name": name, "type": kind, "slot_index": slot, "links": None}
+            for slot, (name, kind) in enumerate(zip(definition.output_names, definition.outputs))
+        ]
+        self.nodes.append(node)
+        for input_name, (source, slot) in (inputs or {}).items():
+            self.connect(source, slot, node, input_name)
+        return node
+
+    def connect(self, source: Node, slot: int | str, target: Node, input_name: str) -> None:
+        if isinstance(slot, str):
+            slot = self.defs[source.type].output_names.index(slot)
+        entry = next((e for e in target.inputs if e["name"] == input_name), None)
+        if entry is None:
+            raise ValueError(f"{self.name}: {target.type} has no input {input_name!r}")
+        kind = source.outputs[slot]["type"]
+        if entry["type"] != kind:
+            raise ValueError(f"{self.name}: {source.type}[{slot}] gives {kind}, {target.type}.{input_name} wants {entry['type']}")
+        link_id = len(self.links) + 1
+        self.links.append([link_id, source.id, slot, target.id, target.inputs.index(entry), kind])
+        entry["link"] = link_id
+        source.outputs[slot]["links"] = (source.outputs[slot]["links"] or []) + [link_id]
+
+    def note(self, pos: tuple[float, float], text: str, size: tuple[float, float] = (440, 560),
+             title: str = "Read me") -> Node:
+        node = Node(len(self.nodes) + 1, "Note", pos, size, [text.strip() + "\n"], title=title, colors=NOTE_COLORS)
+        self.nodes.append(node)
+        return node
+
+    def _order(self) -> dict[int, int]:
+        """Execution order as the frontend stores it: nodes without inputs first, then topologically."""
+        incoming = {n.id: {link[1] for link in self.links if link[3] == n.id} for n in self.nodes}
+        order, done = {}, set()
+        while len(done) < len(self.nodes):
+            ready = [n.id for n in self.nodes if n.id not in done and incoming[n.id] <= done]
+            if not ready:
+                raise ValueError(f"{self.name}: the graph has a cycle")
+            for node_id in ready:
+                order[node_id] = len(order)
+                done.add(node_id)
+        return order
+
+    def to_ui(self) -> dict:
+        order = self._order()
+        nodes = []
+        for node in self.nodes:
+            data = {
+                "id": node.id,
+                "type": node.type,
+                "pos": list(node.pos),
+                "size": list(node.size),
+                "flags": {},
+                "order": order[node.id],
+                "mode": wt.MODE_ACTIVE,
+                "inputs": node.inputs,
+                "outputs": node.outputs,
+            }
+            if node.title:
+                data["title"] = node.title
+            data["properties"] = node.properties
+            data["widgets_values"] = node.widgets
+            if node.colors:
+                data["color"], data["bgcolor"] = node.colors
+            nodes.append(data)
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "attention-distillation-workflow/" + self.name)),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.7, "offset": [60, 60]}, "frontendVersion": FRONTEND_VERSION},
+            "version": 0.4,
+        }
+
+
+# -- shared pieces ----------------------------------------------------------------------------------------
+
+Source = tuple  # (node, output slot)
+
+
+def image_latent(g: Graph, x: float, y: float, image: str, vae: Source, size: int, title: str) -> Node:
+    """LoadImage -> ImageScale (size x size, centre crop, like the reference code's resize) -> VAEEncode."""
+    load = g.add("LoadImage", (x, y), {"image": image}, title=title)
+    scale = g.add("ImageScale", (x + 340, y), {"upscale_method": "lanczos", "width": size, "height": size,
+                                                "crop": "center"}, {"image": load.out(0)})
+    return g.add("VAEEncode", (x + 340, y + 170), inputs={"pixels": scale.out(0), "vae": vae})
+
+
+def label_mask(g: Graph, x: float, y: float, image: str, size: int, title: str) -> Node:
+    """A region-label map: grey levels of the red channel, resized without blending labels."""
+    load = g.add("LoadImage", (x, y), {"image": image}, title=title)
+    scale = g.add("ImageScale", (x + 340, y), {"upscale_method": "nearest-exact", "width": size, "height": size,
+                                                "crop": "center"}, {"image": load.out(0)})
+    return g.add("ImageToMask", (x + 340, y + 170), {"channel": "red"}, {"image": scale.out(0)})
+
+
+def checkpoint(g: Graph, name: str, y: float = 0) -> Node:
+    return g.add("CheckpointLoaderSimple", (0, y), {"ckpt_name": name})
+
+
+def empty_text(g: Graph, clip: Source, pos: tuple[float, float], title: str) -> Node:
+    return g.add("CLIPTextEncode", pos, {"text": ""}, {"clip": clip}, title=title, colors=NEGATIVE_COLORS,
+                 size=(400, 110))
+
+
+def decode_and_save(g: Graph, x: float, y: float, latent: Node, vae: Source, prefix: str) -> Node:
+    decode = g.add("VAEDecode", (x, y), inputs={"samples": latent.out(0), "vae": vae})
+    return g.add("SaveImage", (x, y + 90), {"filename_prefix": prefix}, {"images": decode.out(0)})
+
+
+COMMON_NOTE = """
+Every knob, its default and when to change it: README.md of the pack, or the "?" help of each
+node in the node library. With random or wrong inputs the nodes stop with a message that says
+what to connect or change.
+"""
+
+
+def _capture(g: Graph, pos, model: Source, reference: Node, null: Node, mask: Node | None = None) -> Node:
+    inputs = {"model": model, "reference": reference.out(0), "null_conditioning": null.out(0)}
+    if mask is not None:
+        inputs["reference_mask"] = mask.out(0)
+    return g.add("CaptureReferenceAttention", pos, {"layers": "paper default", "attn_scale": 1.0}, inputs)
+
+
+# -- the workflows ----------------------------------------------------------------------------------------
+
+def style_transfer(defs) -> Graph:
+    g = Graph("01_sd15_style_transfer", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
+    style = image_latent(g, 0, 200, "style-12.jpg", ckpt.out(2), 512, "Style reference")
+    content = image_latent(g, 0, 580, "content-deer.jpg", ckpt.out(2), 512, "Content photo")
+    ref = _capture(g, (840, 0), ckpt.out(0), style, null)
+    result = g.add("LatentADOptimize", (840, 220), {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25,
+                                                    "seed": 0, "gradient_checkpointing": "auto"},
+                   {"model": ckpt.out(0), "reference": ref.out(0), "latent": content.out(0)})
+    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/style_transfer")
+    g.note((1680, 0), """
+SD1.5 style transfer by optimization (Attention Distillation, the reference code's defaults).
+
+Pick an SD1.5 checkpoint, a style image and a content photo (both are cropped to 512x512, as
+in the reference code). Latent AD Optimize starts from the content latent and moves it so that
+its self-attention matches the style's, while the content loss keeps the layout.
+
+Knobs (reference code defaults):
+- steps 200: timesteps of the DDIM schedule, one Adam step each.
+- lr 0.05: Adam learning rate on the latent.
+- iterations 1: Adam steps per timestep.
+- content_weight 0.25: lower it when the photo shows through too much, raise it when the
+  content dissolves.
+- layers "paper default": the last 6 self-attention layers (SD1.5: 10-15).
+- Capture Reference Attention needs CLIP Text Encode with EMPTY text, never your prompt.
+
+About 200 forward+backward passes at 512x512: a minute or two on a recent GPU.
+""" + COMMON_NOTE)
+    return g
+
+
+def appearance_transfer(defs) -> Graph:
+    g = Graph("02_sd15_appearance_transfer_regions", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
+    appearance = image_latent(g, 0, 200, "appearance-reference.png", ckpt.out(2), 512, "Appearance reference")
+    ref_labels = label_mask(g, 0, 580, "appearance-reference-labels.png", 512, "Reference region labels")
+    target = image_latent(g, 0, 960, "appearance-target.png", ckpt.out(2), 512, "Target photo")
+    target_labels = label_mask(g, 0, 1340, "appearance-target-labels.png", 512, "Target region labels")
+    ref = _capture(g, (840, 0), ckpt.out(0), appearance, null, ref_labels)
+    result = g.add("LatentADOptimize", (840, 220), {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25,
+                                                    "seed": 0, "gradient_checkpointing": "auto"},
+                   {"model": ckpt.out(0), "reference": ref.out(0), "latent": target.out(0),
+                    "target_mask": target_labels.out(0)})
+    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/appearance_transfer")
+    g.note((1680, 0), """
+SD1.5 appearance transfer with region masks (controlled synthesis).
+
+The target photo keeps its structure and takes the appearance of the reference, region by
+region: a target region attends only to the reference region with the same label.
+
+Label maps: images where each region is painted in one grey level (black, white, mid grey...);
+the red channel is read, so use pure greys. Give the reference and the target the same levels
+for regions that belong together. They are resized with nearest-exact so labels never blend,
+and cropped like their photos.
+
+Knobs (reference code defaults): steps 200, lr 0.05, iterations 1, content_weight 0.25,
+layers "paper default" (SD1.5: 10-15). Lower content_weight for a stronger transfer.
+The null conditioning of Capture Reference Attention is CLIP Text Encode with EMPTY text.
+""" + COMMON_NOTE)
+    return g
+
+
+def texture_optimize(defs) -> Graph:
+    g = Graph("03_sd15_texture_synthesis_optimize", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
+    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
+    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
+    result = g.add("LatentADOptimize", (840, 220), {"steps": 300, "lr": 0.05, "iterations": 1, "content_weight": 0.0,
+                                                    "seed": 0, "gradient_checkpointing": "auto"},
+                   {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0)})
+    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/texture_optimize")
+    g.note((1680, 0), """
+SD1.5 texture synthesis by optimization.
+
+An Empty Latent Image asks Latent AD Optimize to start from seeded noise (the seed widget) and
+optimize it until its self-attention matches the texture's. Any output size works: make the
+Empty Latent Image larger than the reference for a bigger texture; batch_size gives variations.
+
+Knobs (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
+content_weight 0 (there is no content), layers "paper default" (SD1.5: 10-15).
+Change the seed for another texture from the same reference.
+The null conditioning is CLIP Text Encode with EMPTY text.
+""" + COMMON_NOTE)
+    return g
+
+
+def texture_sampling(defs) -> Graph:
+    g = Graph("04_sd15_texture_synthesis_sampling", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text, also the prompt)")
+    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
+    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
+    guided = g.add("ADLossGuidance", (840, 220), {"lr": 0.05, "iterations": 3, "adain": False, "start_percent": 0.0,
+                                                  "end_percent": 1.0, "noise_seed": 0},
+                   {"model": ckpt.out(0), "reference": ref.out(0)})
+    sampled = g.add("KSampler", (1230, 0), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "ddim",
+                                             "scheduler": "ddim_uniform", "denoise": 1.0},
+                    {"model": guided.out(0), "positive": null.out(0), "negative": null.out(0),
+                     "latent_image": empty.out(0)})
+    decode_and_save(g, 1580, 0, sampled, ckpt.out(2), "AD/texture_sampling")
+    g.note((2030, 0), """
+SD1.5 texture synthesis by AD-guided sampling.
+
+AD Loss Guidance patches the model: after every sampler step the next latent is optimized a
+few Adam iterations against the AD loss (the paper's improved classifier guidance). The
+prompt is empty and cfg is 1, as in the reference code; ddim + ddim_uniform reproduces its
+timesteps, but any sampler and scheduler work.
+
+Knobs (reference code defaults for textures): steps 50, cfg 1, lr 0.05, iterations 3,
+AdaIN off, layers "paper default" (SD1.5: 10-15).
+- iterations: each costs a forward and backward pass up to the last selected layer.
+- start_percent / end_percent: guide only part of the schedule.
+- noise_seed: noise added to the reference at each step; keep it fixed so re-runs reuse the
+  cached reference features. The image seed is the KSampler's.
+""" + COMMON_NOTE)
+    return g
+
+
+def _t2i(defs, name: str, ckpt_name: str, size: int, style: str, prompt: str, lr: float, iterations: int,
+         cfg: float, prefix: str, note: str, lora: bool = False, controlnet: bool = False) -> Graph:
+    g = Graph(name, defs)
+    ckpt = checkpoint(g, ckpt_name)
+    model, clip = ckpt.out(0), ckpt.out(1)
+    if lora:
+        lora_node = g.add("LoraLoader", (0, 140), {"lora_name": LORA, "strength_model": 0.6, "strength_clip": 0.6},
+                          {"model": model, "clip": clip})
+        model, clip = lora_node.out(0), lora_node.out(1)
+    positive = g.add("CLIPTextEncode", (380, 0), {"text": prompt}, {"clip": clip},
+                     title="Prompt", colors=POSITIVE_COLORS)
+    null = empty_text(g, clip, (380, 200), "Empty prompt (null text, also the negative)")
+    style_latent = image_latent(g, 0, 340, style, ckpt.out(2), size, "Style reference")
+    empty = g.add("EmptyLatentImage", (0, 720), {"width": size, "height": size, "batch_size": 1})
+    ref = _capture(g, (840, 0), model, style_latent, null)
+    guided = g.add("ADLossGuidance", (840, 220), {"lr": lr, "iterations": iterations, "adain": True,
+                                                  "start_percent": 0.0, "end_percent": 1.0, "noise_seed": 0},
+                   {"model": model, "reference": ref.out(0)})
+    positive_cond, negative_cond = (positive, 0), (null, 0)
+    if controlnet:
+        control = image_latent_free_structure(g, 0, 900, size)
+        loader = g.add("ControlNetLoader", (380, 1300), {"control_net_name": CONTROLNET})
+        apply = g.add("ControlNetApplyAdvanced", (840, 580), {"strength": 1.0, "start_percent": 0.0,
+                                                              "end_percent": 1.0},
+                      {"positive": positive.out(0), "negative": null.out(0), "control_net": loader.out(0),
+                       "image": control.out(0)})
+        positive_cond, negative_cond = (apply, 0), (apply, 1)
+    sampled = g.add("KSampler", (1230, 0), {"seed": 0, "steps": 50, "cfg": cfg, "sampler_name": "ddim",
+                                             "scheduler": "ddim_uniform", "denoise": 1.0},
+                    {"model": guided.out(0), "positive": positive_cond, "negative": negative_cond,
+                     "latent_image": empty.out(0)})
+    decode_and_save(g, 1580, 0, sampled, ckpt.out(2), prefix)
+    g.note((2030, 0), note + COMMON_NOTE)
+    return g
+
+
+def image_latent_free_structure(g: Graph, x: float, y: float, size: int) -> Node:
+    """The control image: a photo, cropped like the output, through the Canny edge detector."""
+    load = g.add("LoadImage", (x, y), {"image": "content-deer.jpg"}, title="Structure photo")
+    scale = g.add("ImageScale", (x + 340, y), {"upscale_method": "lanczos", "width": size, "height": size,
+                                                "crop": "center"}, {"image": load.out(0)})
+    edges = g.add("Canny", (x + 340, y + 170), {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": scale.out(0)})
+    g.add("PreviewImage", (x + 700, y + 170), inputs={"images": edges.out(0)}, title="Control image (edges)")
+    return edges
+
+
+T2I_KNOBS = """
+Knobs (reference code defaults for style-specific text-to-image): steps 50, cfg {cfg},
+lr 0.015, iterations {iterations}, AdaIN on, layers "paper default" ({layers}).
+- lr / iterations: stronger style with more; each iteration costs a forward and backward pass.
+- adain: matches the latent's per-channel mean/std to the noised reference before optimizing.
+- start_percent / end_percent: guide only part of the schedule.
+- noise_seed: keep it fixed so re-runs reuse the cached reference features; the image seed is
+  the KSampler's.
+The null conditioning is CLIP Text Encode with EMPTY text; it is also the negative prompt.
+ddim + ddim_uniform reproduces the reference code's timesteps; other samplers work too.
+"""
+
+
+def t2i_sd15(defs) -> Graph:
+    return _t2i(defs, "05_sd15_style_text_to_image", SD15, 512, "style-2.jpg", "a photo of a lighthouse on a cliff",
+                0.015, 3, 7.5, "AD/style_t2i_sd15", """
+SD1.5 style-specific text-to-image: AD Loss Guidance + KSampler.
+
+The prompt says what to draw, the style reference how it looks. AD Loss Guidance patches the
+model so that after every sampler step the latent is optimized a few Adam iterations against
+the AD loss (the paper's improved classifier guidance).
+""" + T2I_KNOBS.format(cfg=7.5, iterations=3, layers="SD1.5: 10-15"))
+
+
+def t2i_sdxl(defs) -> Graph:
+    return _t2i(defs, "06_sdxl_style_text_to_image_1024", SDXL, 1024, "style-2.jpg",
+                "a photo of a lighthouse on a cliff", 0.015, 2, 7.0, "AD/style_t2i_sdxl", """
+SDXL style-specific text-to-image at 1024x1024: AD Loss Guidance + KSampler.
+
+Same graph as the SD1.5 one with an SDXL checkpoint and 1024x1024 images. "paper default"
+selects SDXL's self-attention layers 64-69 (output blocks 3-5). gradient_checkpointing "auto"
+turns checkpointing on for SDXL at 1024x1024 to save memory (about one more forward pass per
+iteration); set it to "off" when memory is plentiful.
+""" + T2I_KNOBS.format(cfg=7, iterations=2, layers="SDXL: 64-69"))
+
+
+def controlnet_ad(defs) -> Graph:
+    return _t2i(defs, "07_sd15_controlnet_style", SD15, 512, "style-12.jpg", "a deer in a forest", 0.015, 3, 7.5,
+                "AD/controlnet_style", """
+ControlNet + AD (SD1.5): structure from a control image, style from the reference.
+
+The structure photo goes through the Canny edge detector into ControlNet (control_v11p_sd15_canny);
+the style comes from the reference through AD Loss Guidance. ControlNet steers the normal
+sampling pass; the AD passes use the empty prompt without ControlNet, like the reference code's
+classifier. Lower the ControlNet strength or end_percent when the edges dominate the style.
+""" + T2I_KNOBS.format(cfg=7.5, iterations=3, layers="SD1.5: 10-15"), controlnet=True)
+
+
+def lora_ad(defs) -> Graph:
+    return _t2i(defs, "08_sd15_lora_style", SD15, 512, "style-1.jpg", "shuimobysim, a crane over a lake", 0.015, 3,
+                7.5, "AD/lora_style", """
+LoRA + AD (SD1.5): Load LoRA feeds both the sampler and Capture Reference Attention, so the
+AD features come from the same LoRA-patched model that samples (any SD1.5 LoRA works; the one
+named here is MoXin, a Chinese ink-painting style, with its trigger word in the prompt).
+Lower the LoRA strengths when the LoRA's look overrides the reference.
+""" + T2I_KNOBS.format(cfg=7.5, iterations=3, layers="SD1.5: 10-15"), lora=True)
+
+
+BUILDERS = (style_transfer, appearance_transfer, texture_optimize, texture_sampling, t2i_sd15, t2i_sdxl,
+            controlnet_ad, lora_ad)
+
+
+def build_all(defs: dict[str, wt.NodeDef]) -> dict[str, dict]:
+    """File name -> UI workflow."""
+    return {g.name + ".json": g.to_ui() for g in (build(defs) for build in BUILDERS)}
+
+
+def expected_files(defs: dict[str, wt.NodeDef]) -> dict[Path, str]:
+    files = {}
+    for name, ui in build_all(defs).items():
+        files[wt.WORKFLOWS / name] = wt.dump_json(ui)
+        files[wt.API_WORKFLOWS / name] = wt.dump_json(wt.ui_to_api(ui, defs))
+    return files
+
+
+def main(argv: list[str]) -> int:
+    from comfy_env import boot
+    from pack_loader import load_pack
+
+    boot()
+    defs = wt.all_node_defs(load_pack())
+    files = expected_files(defs)
+    if "--check" in argv:
+        stale = [str(p.relative_to(wt.REPO)) for p, text in files.items()
+                 if not p.is_file() or p.read_text(encoding="utf-8") != text]
+        print("\n".join(stale) if stale else "workflows/ is up to date")
+        return 1 if stale else 0
+    wt.API_WORKFLOWS.mkdir(parents=True, exist_ok=True)
+    for path, text in files.items():
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path.relative_to(wt.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
