@@ -1,0 +1,278 @@
+"""Every shipped workflow, run in ComfyUI's own PromptExecutor with this pack loaded as a custom node.
+
+Needs a full ComfyUI source tree (COMFYUI_PATH, kept outside this repository) and a Python with
+ComfyUI's requirements; without them every test here is reported as skipped, with the reason.
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -c tests/pytest.ini \
+        tests/test_executor.py -s
+
+The models are random-weight files (tests/executor_models.py) placed under the public file names the
+workflows use, built once into a cache folder ($AD_TEST_CACHE, else ~/.cache/...); the input images
+are generated. Each workflow runs at 64x64 with 2 steps: the graph, the node wiring, the loaders,
+the text encoders, the VAE, ControlNet, LoRA and the pack's nodes are all exercised for real; the
+pictures mean nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import workflow_build
+import workflow_tools as wt
+from fixtures.make_object_info import CORE_TYPES, trim
+from test_workflows import NAMES
+
+SMALL = 64  # pixels: an 8x8 latent
+STEPS = 2
+SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
+
+
+def _comfy_root() -> Path | None:
+    value = os.environ.get("COMFYUI_PATH")
+    return Path(value).resolve() if value else None
+
+
+class ServerStub:
+    """What PromptExecutor and its progress handlers use of ComfyUI's PromptServer."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.events: list[tuple[str, object]] = []
+
+    def send_sync(self, event, data, sid=None) -> None:
+        self.events.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def _run(value):
+    return asyncio.run(value) if asyncio.iscoroutine(value) else value
+
+
+class Host:
+    """ComfyUI booted in this process: folders, extra nodes, this pack, an executor."""
+
+    def __init__(self, root: Path, work: Path) -> None:
+        import execution
+        import folder_paths
+        import nodes
+
+        self.root, self.work = root, work
+        self.nodes, self.execution, self.folder_paths = nodes, execution, folder_paths
+        self.timings: dict[str, float] = {}
+        for sub in ("input", "output", "temp"):
+            (work / sub).mkdir(parents=True, exist_ok=True)
+        folder_paths.set_input_directory(str(work / "input"))
+        folder_paths.set_output_directory(str(work / "output"))
+        folder_paths.set_temp_directory(str(work / "temp"))
+        self.model_files = self._place_models()
+        self._write_images()
+        failed = _run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        self.failed_extras = list(failed or [])
+        self.loaded = _run(nodes.load_custom_node(str(wt.REPO)))
+        self.server = ServerStub()
+        self.executor = execution.PromptExecutor(self.server)
+
+    def _place_models(self) -> dict[str, Path]:
+        import executor_models
+
+        placed = {}
+        for folder, files in wt.MODEL_FILES.items():
+            target = self.work / "models" / folder
+            target.mkdir(parents=True, exist_ok=True)
+            self.folder_paths.add_model_folder_path(folder, str(target), is_default=True)
+            for name, kind in files.items():
+                link = target / name
+                if not link.exists():
+                    link.symlink_to(executor_models.cached(kind))
+                placed[name] = link
+        return placed
+
+    def _write_images(self) -> None:
+        """Every image the workflows load: smooth colour photos, and grey-level label maps."""
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        names = {v for path in wt.workflow_files() for n in wt.load_json(path)["nodes"] if n["type"] == "LoadImage"
+                 for v in n["widgets_values"][:1]}
+        for name in sorted(names):
+            height, width = 80, 96  # not square: ImageScale's centre crop has work to do
+            if "labels" in name:
+                levels = np.zeros((height, width), np.uint8)
+                levels[:, width // 3:] = 128
+                levels[height // 2:, 2 * width // 3:] = 255
+                pixels = np.repeat(levels[..., None], 3, axis=2)
+            else:
+                base = rng.uniform(0, 255, (height // 8, width // 8, 3)).astype(np.uint8)
+                pixels = np.asarray(Image.fromarray(base).resize((width, height), Image.BICUBIC))
+            Image.fromarray(pixels).save(self.work / "input" / name)
+
+    def live_object_info(self, name: str) -> dict:
+        """/object_info of a node type, as ComfyUI's server computes it (server.py node_info)."""
+        cls = self.nodes.NODE_CLASS_MAPPINGS[name]
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            return cls.GET_NODE_INFO_V1()
+        entry = wt.object_info_entry(name, cls, self.nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name))
+        entry["output_node"] = bool(getattr(cls, "OUTPUT_NODE", False))
+        return entry
+
+    def run(self, prompt: dict) -> tuple[bool, dict, list]:
+        prompt_id = str(uuid.uuid4())
+        valid = _run(self.execution.validate_prompt(prompt_id, prompt, None))
+        ok, error, outputs, node_errors = valid
+        if not ok:
+            return False, {"error": error, "node_errors": node_errors}, []
+        self.executor.execute(prompt, prompt_id, {"client_id": None}, outputs)
+        messages = [m for m in self.executor.status_messages if m[0] == "execution_error"]
+        result = getattr(self.executor, "history_result", {}).get("outputs", {})
+        return self.executor.success, {"errors": messages}, result
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    root = _comfy_root()
+    if root is None:
+        pytest.skip("COMFYUI_PATH is not set: the executor tests need a full ComfyUI source tree")
+    missing = [f for f in ("nodes.py", "execution.py", "folder_paths.py") if not (root / f).is_file()]
+    if missing:
+        pytest.skip(f"COMFYUI_PATH={root} is not a full ComfyUI tree (no {', '.join(missing)})")
+    import comfy.model_management
+
+    comfy_dir = Path(comfy.model_management.__file__).resolve().parent
+    if comfy_dir.parent != root:
+        pytest.skip(f"comfy was imported from {comfy_dir}, not from COMFYUI_PATH")
+    try:
+        import execution  # noqa: F401
+        import folder_paths  # noqa: F401
+        import nodes  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"ComfyUI's nodes.py does not import here ({error}); run with a Python that has "
+                    "ComfyUI's requirements.txt installed")
+    started = time.perf_counter()
+    instance = Host(root, tmp_path_factory.mktemp("comfyui"))
+    instance.timings["setup"] = time.perf_counter() - started
+    yield instance
+    version = _comfy_version(root)
+    ran = {k: v for k, v in instance.timings.items() if k != "setup"}
+    print(f"\nComfyUI {version} at {root}: {len(ran)} workflows ran in {sum(ran.values()):.0f} s "
+          f"(setup {instance.timings['setup']:.0f} s)", file=sys.stderr)
+    for name, seconds in ran.items():
+        print(f"  {name}: {seconds:.1f} s", file=sys.stderr)
+
+
+def _comfy_version(root: Path) -> str:
+    text = (root / "comfyui_version.py").read_text() if (root / "comfyui_version.py").is_file() else ""
+    return text.split('"')[1] if '"' in text else "unknown version"
+
+
+# -- the host sees what the validation tests assume --------------------------------------------------------
+
+def test_pack_loads_through_comfyuis_loader(host):
+    assert host.loaded, "nodes.load_custom_node returned False"
+    for name in ("CaptureReferenceAttention", "LatentADOptimize", "ADLossGuidance"):
+        cls = host.nodes.NODE_CLASS_MAPPINGS[name]
+        assert Path(sys.modules[cls.__module__].__file__).resolve().is_relative_to(wt.REPO)
+        assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
+
+
+def test_core_fixture_matches_the_running_comfyui(host):
+    for name in CORE_TYPES:
+        assert name in host.nodes.NODE_CLASS_MAPPINGS, f"{name} is not a node of this ComfyUI"
+    live = trim(json.loads(json.dumps({name: host.live_object_info(name) for name in CORE_TYPES})))
+    fixture = wt.load_json(wt.CORE_OBJECT_INFO)
+    for name in CORE_TYPES:
+        a, b = live[name], copy.deepcopy(fixture[name])
+        for entry in (a, b):  # file lists depend on the folders; the rest must agree
+            for section in entry["input"].values():
+                for input_name, spec in section.items():
+                    if (name, input_name) in wt.FILE_COMBOS or (len(spec) > 1 and isinstance(spec[1], dict)
+                                                                and spec[1].get("image_upload")):
+                        spec[0] = []
+            entry.pop("display_name", None)
+        assert a == b, name
+
+
+def test_core_titles_are_comfyuis_display_names(host):
+    for name, title in workflow_build.CORE_TITLES.items():
+        info = host.live_object_info(name)
+        assert (info.get("display_name") or name) == title
+
+
+# -- the workflows run ---------------------------------------------------------------------------------------
+
+def small(prompt: dict) -> dict:
+    """The same graph at 64x64 with 2 steps."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
+            inputs["width"] = inputs["height"] = SMALL
+        if node["class_type"] in ("LatentADOptimize", "KSampler"):
+            inputs["steps"] = STEPS
+    return prompt
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_in_comfyuis_executor(host, name, pack):
+    ui = wt.load_json(wt.WORKFLOWS / f"{name}.json")
+    api = wt.ui_to_api(ui, wt.all_node_defs(pack))
+    assert api == wt.load_json(wt.API_WORKFLOWS / f"{name}.json")
+    prompt = small(api)
+
+    started = time.perf_counter()
+    success, errors, outputs = host.run(prompt)
+    host.timings[name] = time.perf_counter() - started
+    assert success, json.dumps(errors, indent=1, default=str)[:6000]
+
+    output_nodes = {k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage")}
+    assert output_nodes and output_nodes <= set(outputs), f"no results from {output_nodes - set(outputs)}"
+    from PIL import Image
+
+    for node_id in output_nodes:
+        images = outputs[node_id]["images"]
+        assert images, f"node {node_id} wrote no image"
+        for image in images:
+            folder = host.work / image["type"] / image.get("subfolder", "")
+            path = folder / image["filename"]
+            assert path.is_file(), path
+            with Image.open(path) as picture:
+                assert picture.size == (SMALL, SMALL)
+                assert np.isfinite(np.asarray(picture, dtype=np.float32)).all()
+        if prompt[node_id]["class_type"] == "SaveImage":
+            assert images[0]["type"] == "output" and images[0]["subfolder"] == "AD"
+
+
+def _detected_config(path: Path):
+    """ComfyUI's detection of a checkpoint from its tensor shapes only (meta tensors, no loading)."""
+    import comfy.model_detection
+    import safetensors
+    import torch
+
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        state = {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()
+                 if k.startswith("model.diffusion_model.")}
+    return comfy.model_detection.model_config_from_unet(state, "model.diffusion_model.")
+
+
+@pytest.mark.parametrize("ckpt_name,family", [(workflow_build.SD15, "SD15"), (workflow_build.SDXL, "SDXL")])
+def test_checkpoints_are_detected_as_their_family(host, ckpt_name, family):
+    import comfy.model_base
+    import comfy.supported_models
+
+    config = _detected_config(host.model_files[ckpt_name])
+    assert isinstance(config, getattr(comfy.supported_models, family)), type(config).__name__
+    model_class = {"SD15": comfy.model_base.BaseModel, "SDXL": comfy.model_base.SDXL}[family]
+    assert type(config.get_model({}, "model.diffusion_model.", device="meta")) is model_class
