@@ -93,6 +93,20 @@ def pack_identity() -> tuple[str, str]:
     return name, version
 
 
+def unwrap(text: str) -> str:
+    """Paragraphs and "- " items as single lines: the Note's text box wraps them to its width."""
+    paragraphs = []
+    for block in text.strip().split("\n\n"):
+        items: list[str] = []
+        for line in block.splitlines():
+            if line.startswith("- ") or not items:
+                items.append(line.strip())
+            else:
+                items[-1] += " " + line.strip()
+        paragraphs.append("\n".join(items))
+    return "\n\n".join(paragraphs) + "\n"
+
+
 @dataclass
 class Node:
     id: int
@@ -178,9 +192,9 @@ class Graph:
         entry["link"] = link_id
         source.outputs[slot]["links"] = (source.outputs[slot]["links"] or []) + [link_id]
 
-    def note(self, pos: tuple[float, float], text: str, size: tuple[float, float] = (440, 560),
+    def note(self, pos: tuple[float, float], text: str, size: tuple[float, float] = (460, 360),
              title: str = "Read me") -> Node:
-        node = Node(len(self.nodes) + 1, "Note", pos, size, [text.strip() + "\n"], title=title, colors=NOTE_COLORS)
+        node = Node(len(self.nodes) + 1, "Note", pos, size, [unwrap(text)], title=title, colors=NOTE_COLORS)
         self.nodes.append(node)
         return node
 
@@ -270,8 +284,8 @@ def decode_and_save(g: Graph, x: float, y: float, latent: Node, vae: Source, pre
 
 COMMON_NOTE = """
 Every knob, its default and when to change it: README.md of the pack, or the "?" help of each
-node in the node library. With random or wrong inputs the nodes stop with a message that says
-what to connect or change.
+node in the node library. When an input is wrong, the nodes stop with a message that says what
+to connect or change.
 """
 
 
@@ -310,8 +324,6 @@ Knobs (reference code defaults):
   content dissolves.
 - layers "paper default": the last 6 self-attention layers (SD1.5: 10-15).
 - Capture Reference Attention needs CLIP Text Encode with EMPTY text, never your prompt.
-
-About 200 forward+backward passes at 512x512: a minute or two on a recent GPU.
 """ + COMMON_NOTE)
     return g
 
