@@ -256,6 +256,23 @@ def render(driver, url: str, path: Path, out: Path) -> None:
           f"{picture.width}x{picture.height}")
 
 
+def check_help_pages(port: int) -> None:
+    """The node help pages are served where the frontend's help panel fetches them:
+    /extensions/<custom node folder>/docs/<node type>.md."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=30) as response:
+        info = json.load(response)
+    ours = {name: entry for name, entry in info.items()
+            if entry.get("python_module") == f"custom_nodes.{pack_folder_name()}"}
+    if not ours:
+        raise RuntimeError("the pack's nodes are not in /object_info")
+    for name in ours:
+        url = f"http://127.0.0.1:{port}/extensions/{pack_folder_name()}/docs/{name}.md"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            if not response.read().startswith(b"# "):
+                raise RuntimeError(f"{url} is not the help page")
+    print(f"help pages served for {sorted(ours)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workflows = sorted(WORKFLOWS.glob("*.json"))
@@ -278,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("the frontend did not come up within 2 minutes")
             time.sleep(1)
         time.sleep(3)
+        check_help_pages(port)
         focus_mode(driver)
         for path in workflows:
             render(driver, url, path, args.out)

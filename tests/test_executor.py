@@ -188,6 +188,13 @@ def test_pack_loads_through_comfyuis_loader(host):
         assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
 
 
+def test_help_pages_are_registered(host):
+    web = {Path(v).resolve() for v in host.nodes.EXTENSION_WEB_DIRS.values()}
+    assert (wt.REPO / "web").resolve() in web
+    for name in ("CaptureReferenceAttention", "LatentADOptimize", "ADLossGuidance"):
+        assert (wt.REPO / "web" / "docs" / f"{name}.md").is_file()
+
+
 def test_core_fixture_matches_the_running_comfyui(host):
     for name in CORE_TYPES:
         assert name in host.nodes.NODE_CLASS_MAPPINGS, f"{name} is not a node of this ComfyUI"

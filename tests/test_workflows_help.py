@@ -1,0 +1,72 @@
+"""Node help pages (web/docs) and the README's Workflows section agree with the nodes and the files."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import workflow_tools as wt
+
+WEB = wt.REPO / "web"
+ROW = re.compile(r"^\| `(?P<name>[a-z_]+)` \| (?P<type>[A-Z_]+) \| (?P<default>[^|]*) \|", re.M)
+
+
+def _readme_section(title: str) -> str:
+    text = (wt.REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_pack_declares_its_web_directory(pack):
+    assert (wt.REPO / pack.WEB_DIRECTORY).resolve() == WEB.resolve()
+    assert sorted(p.stem for p in (WEB / "docs").glob("*.md")) == sorted(pack.NODE_CLASS_MAPPINGS)
+
+
+def _expected_default(options: dict, kind: str) -> str | None:
+    if "default" not in options:
+        return None
+    value = options["default"]
+    if kind == "BOOLEAN":
+        return "true" if value else "false"
+    if kind in ("STRING", "COMBO"):
+        return f"`{value}`"
+    return repr(value)
+
+
+@pytest.mark.parametrize("node", ["CaptureReferenceAttention", "LatentADOptimize", "ADLossGuidance"])
+def test_help_page_documents_every_input_with_its_default(pack, node):
+    page = (WEB / "docs" / f"{node}.md").read_text(encoding="utf-8")
+    assert page.startswith(f"# {pack.NODE_DISPLAY_NAME_MAPPINGS[node]}\n")
+    definition = wt.pack_node_defs(pack)[node]
+    rows = {m["name"]: m for m in ROW.finditer(page.split("## Inputs", 1)[1].split("\n## ", 1)[0])}
+    assert list(rows) == [i.name for i in definition.inputs], "one row per input, in the node's order"
+    for item in definition.inputs:
+        row = rows[item.name]
+        assert row["type"] == item.type, item.name
+        expected = _expected_default(item.options, item.type)
+        cell = row["default"].strip()
+        if expected is None:
+            assert cell in ("–", "not connected") or cell.startswith("the "), f"{item.name}: {cell}"
+        else:
+            assert cell.split(" (")[0] == expected, f"{item.name}: page says {cell}, the node {expected}"
+        bounds = re.search(r"\((\S+) to (\S+)\)", cell)
+        if bounds:
+            assert (float(bounds[1]), float(bounds[2])) == (item.options["min"], item.options["max"]), item.name
+    assert "## Errors" in page
+
+
+def test_readme_shows_every_workflow_and_its_picture():
+    section = _readme_section("Workflows")
+    for path in wt.workflow_files():
+        assert f"`{path.name}`" in section, path.name
+        picture = f"docs/images/workflows/{path.stem}.png"
+        assert f"]({picture})" in section, picture
+        assert (wt.REPO / picture).is_file(), picture
+    for folder, files in wt.MODEL_FILES.items():
+        for name in files:
+            assert f"| `models/{folder}` | `{name}` |" in section, name
+
+
+def test_readme_node_help_section_names_the_pages():
+    assert "web/docs/" in _readme_section("Node help")
