@@ -425,7 +425,7 @@ def _t2i(defs, name: str, ckpt_name: str, size: int, style: str, prompt: str, lr
     ckpt = checkpoint(g, ckpt_name)
     model, clip = ckpt.out(0), ckpt.out(1)
     if lora:
-        lora_node = g.add("LoraLoader", (0, 140), {"lora_name": LORA, "strength_model": 0.6, "strength_clip": 0.6},
+        lora_node = g.add("LoraLoader", (0, 160), {"lora_name": LORA, "strength_model": 0.6, "strength_clip": 0.6},
                           {"model": model, "clip": clip})
         model, clip = lora_node.out(0), lora_node.out(1)
     positive = g.add("CLIPTextEncode", (380, 0), {"text": prompt}, {"clip": clip},
