@@ -54,6 +54,12 @@ _MASK64 = (1 << 64) - 1
 _SCHEDULE_RTOL = 1e-5
 
 
+OOM_MESSAGE = (
+    "AD Loss Guidance ran out of memory in its backward pass through the UNet; lower the resolution or batch "
+    "size, set gradient_checkpointing on, select fewer or lower-resolution layers, or use fewer references"
+)
+
+
 class GuidanceInputError(ValueError):
     """An input of AD Loss Guidance that only turns out not to fit once sampling starts."""
 
@@ -103,6 +109,13 @@ def step_noise(shape: tuple[int, ...], seed: int, step: int, stream: int) -> tor
     so runs are reproducible on every device and the feature cache can key on it."""
     generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, stream))
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def noise_step_key(timestep: float) -> int:
+    """The step identity the per-step noise is drawn for: the step's target timestep t'
+    (thousandths, for models with continuous timesteps). Unlike the index in the running
+    schedule it is the same when a run is split (KSamplerAdvanced start/end steps)."""
+    return int(round(float(timestep) * 1000))
 
 
 # -- VP/k-diffusion bookkeeping -------------------------------------------------------------
@@ -381,7 +394,16 @@ class ADGuidanceHook:
         if not 0 <= sigma_next < sigma:
             return denoised
 
+        try:
+            return self._guided(args, model, denoised, sigma, sigma_next, step, patcher)
+        except torch.OutOfMemoryError as error:  # keep the type: ComfyUI frees memory on it
+            raise torch.OutOfMemoryError(f"{OOM_MESSAGE} ({error})") from error
+
+    def _guided(
+        self, args: dict, model: Any, denoised: torch.Tensor, sigma: float, sigma_next: float, step: int, patcher: Any
+    ) -> torch.Tensor:
         x = args["input"]
+        noise_step = noise_step_key(feature_timestep(model.model_sampling, sigma_next)[0])
         with autograd_through(model.diffusion_model):
             session = self._session(model, patcher, x)
             x_k = x.detach().clone().to(latent_dtype(x))
@@ -395,11 +417,11 @@ class ADGuidanceHook:
                 session,
                 x_next,
                 sigma_next,
-                step_noise(ref_shape, self.seed, step, STREAM_REFERENCE),
+                step_noise(ref_shape, self.seed, noise_step, STREAM_REFERENCE),
                 self.settings,
-                adain_noise=step_noise(ref_shape, self.seed, step, STREAM_ADAIN),
+                adain_noise=step_noise(ref_shape, self.seed, noise_step, STREAM_ADAIN),
                 content=content if use_content else None,
-                content_noise=step_noise(tuple(content.shape), self.seed, step, STREAM_CONTENT)
+                content_noise=step_noise(tuple(content.shape), self.seed, noise_step, STREAM_CONTENT)
                 if use_content
                 else None,
                 target_labels=self.target_labels,

@@ -33,6 +33,15 @@ def _interrupt_check(_: GuidanceIteration) -> None:
     check_interrupt()
 
 
+def _cross_attention_width(diffusion_model: torch.nn.Module) -> int | None:
+    """Context width the UNet's cross-attention takes (768 SD1.5, 2048 SDXL), if it has any."""
+    for module in diffusion_model.modules():
+        to_k = getattr(getattr(module, "attn2", None), "to_k", None)
+        if to_k is not None:
+            return int(to_k.weight.shape[1])
+    return None
+
+
 class ADLossGuidance:
     DESCRIPTION = (
         "Attention Distillation guided sampling (the paper's improved classifier guidance): after every "
@@ -87,7 +96,7 @@ class ADLossGuidance:
                     {
                         "default": True,
                         "tooltip": "Match the latent's per-channel mean/std to the noised reference before optimizing. "
-                        "On for text-to-image, off for texture synthesis.",
+                        "On for text-to-image; off for texture synthesis (which also wants cfg 1 on the sampler).",
                     },
                 ),
                 "start_percent": (
@@ -170,6 +179,14 @@ class ADLossGuidance:
             base = model.model
             check_sd_unet(base)
             select_layers(base.diffusion_model, reference.layer_spec)
+            width = _cross_attention_width(base.diffusion_model)
+            null_width = int(reference.conditioning[0][0].shape[-1])
+            require(
+                width is None or width == null_width,
+                NODE,
+                f"the reference's empty-prompt conditioning is {null_width} wide but this model's cross-attention "
+                f"takes {width}; capture the reference with this checkpoint's CLIP",
+            )
             channels = latent_channels(base)
             require(
                 int(reference.latents.shape[1]) == channels,
