@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import math
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.append(str(REPO / "tests"))  # shared helpers: comfy_env (boot), pack_loader, checkpoints
+sys.path.append(str(REPO / "tests"))  # shared helpers: comfy_env (boot), pack_loader, checkpoints, executor_models
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "reference-images"
 CONTENT_IMAGE = "content-deer.jpg"
 STYLE_IMAGE = "style-1.jpg"
@@ -105,26 +104,15 @@ def boot_comfy(comfyui: Path | None, force_cpu: bool) -> None:
 # -- the random-weight checkpoint -----------------------------------------------------------------------
 
 def _random_state(module: torch.nn.Module, prefix: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random weights for every parameter of a (meta) module: normalization scales 1, biases 0, other
-    weights N(0, 1/fan_in), which keeps activations of order 1 through the network."""
-    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    state: dict[str, torch.Tensor] = {}
-    for module_name, sub in module.named_modules():
-        for name, param in sub.named_parameters(recurse=False):
-            key = f"{module_name}.{name}" if module_name else name
-            shape = tuple(param.shape)
-            if isinstance(sub, norms) and name == "weight":
-                value = torch.ones(shape)
-            elif name == "bias" or len(shape) < 2:
-                value = torch.zeros(shape)
-            else:
-                fan_in = math.prod(shape[1:])
-                value = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
-            state[prefix + key] = value.to(torch.float16)
-    missing = set(module.state_dict()) - {k[len(prefix):] for k in state}
+    """Random fp16 weights for every parameter of a (meta) module (the tests' recipe: normalization
+    scales 1, biases 0, other weights N(0, 1/fan_in)), keys prefixed for a single-file checkpoint."""
+    from executor_models import random_state
+
+    state = random_state(module, generator)
+    missing = set(module.state_dict()) - set(state)
     if missing:
         raise RuntimeError(f"no random value for buffers {sorted(missing)[:5]}")
-    return state
+    return {prefix + key: value for key, value in state.items()}
 
 
 def build_random_checkpoint(path: Path, seed: int = 0) -> None:
