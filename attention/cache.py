@@ -48,37 +48,60 @@ class FeatureCache:
     """Bounded in bytes; entries live in CPU memory when computed on an accelerator.
 
     A run visits timesteps in one order, so least-recently-used eviction would evict every
-    entry before its re-use; instead the cache keeps what fits and skips the rest. Hits and
-    misses are counted so reuse can be asserted.
+    entry of a run before its re-use. Instead entries are grouped by run (`begin_run`): when
+    the budget is full, entries the current run has not used are evicted, oldest first; entries
+    of the current run are never evicted, and what does not fit is not stored. Hits and misses are counted so reuse can be asserted.
     """
 
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         self.budget_bytes = budget_bytes
         self.entries: dict[Hashable, list] = {}
-        self.stored_bytes = 0
+        self.sizes: dict[Hashable, int] = {}
+        self.last_run: dict[Hashable, int] = {}
+        self.run = 0
         self.hits = 0
         self.misses = 0
         self.not_stored = 0
 
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def begin_run(self) -> None:
+        """Mark the start of a run: entries not used from now on may make room for new ones."""
+        self.run += 1
+
+    def _make_room(self, size: int) -> bool:
+        free = self.budget_bytes - self.stored_bytes
+        stale = [key for key in self.entries if self.last_run[key] < self.run]
+        while free < size and stale:
+            key = stale.pop(0)
+            free += self.sizes.pop(key)
+            del self.entries[key], self.last_run[key]
+        return free >= size
+
     def get_or_compute(self, key: Hashable, compute: Callable[[], list], device: torch.device | None = None) -> list:
         if key in self.entries:
             self.hits += 1
+            self.last_run[key] = self.run
             stored = self.entries[key]
             return stored if device is None else [_to(item, device) for item in stored]
         self.misses += 1
         value = compute()
         size = sum(_nbytes(item) for item in value)
-        if self.stored_bytes + size <= self.budget_bytes:
+        if size <= self.budget_bytes and self._make_room(size):
             offload = device is not None and device.type != "cpu"
             self.entries[key] = [_to(item, torch.device("cpu")) for item in value] if offload else value
-            self.stored_bytes += size
+            self.sizes[key] = size
+            self.last_run[key] = self.run
         else:
             self.not_stored += 1
         return value
 
     def clear(self) -> None:
         self.entries.clear()
-        self.stored_bytes = 0
+        self.sizes.clear()
+        self.last_run.clear()
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .cache import ReferenceKV
+from .cache import ReferenceKV, tensor_digest
 from .layers import SelfAttentionLayer, select_layers
 from .recorder import LayerRecord
 from .reference import ADReference
@@ -60,15 +60,14 @@ class ADModelSession:
         return self._cond_cache[key]
 
     # -- passes -----------------------------------------------------------------
-    def reference_kv(
-        self, timestep: float, noise: torch.Tensor | None = None, sigma: float = 0.0, noise_key: Any = None
-    ) -> list[ReferenceKV]:
+    def reference_kv(self, timestep: float, noise: torch.Tensor | None = None, sigma: float = 0.0) -> list[ReferenceKV]:
         """Keys/values of the references at `timestep`, concatenated along tokens.
 
         With `noise`, the reference is noised to `sigma` in VP form: (ref + σ·ε)/√(σ²+1).
-        Cached per (model weights, layers, timestep, noise_key).
+        Cached per (model weights, layers, timestep, noise content, σ).
         """
-        key = (self.model_key, float(timestep), noise_key if noise is not None else None, tuple(self.reference_latent.shape))
+        noise_key = (tensor_digest(noise), round(float(sigma), 7)) if noise is not None else None
+        key = (self.model_key, float(timestep), noise_key, tuple(self.reference_latent.shape))
 
         def compute() -> list[ReferenceKV]:
             ref = self.reference_latent

@@ -196,8 +196,7 @@ def ad_guidance_update(
 
     # The noise is part of the cache key (by content), so re-runs with the same reference
     # noise seed reuse the features and any other noise gets its own entry.
-    noise_key = ("ad-guidance", tensor_digest(reference_noise), round(sigma_ref, 7))
-    refs = session.reference_kv(timestep, noise=reference_noise, sigma=sigma_ref, noise_key=noise_key)
+    refs = session.reference_kv(timestep, noise=reference_noise, sigma=sigma_ref)
     masks = region_masks(session, target_labels)
     content_q = None
     if content is not None and settings.content_weight != 0:
@@ -391,6 +390,8 @@ class ADGuidanceHook:
         if found is None:
             return denoised
         step, sigma_next = found
+        if step == 0:
+            self.reference.cache.begin_run()
         if not 0 <= sigma_next < sigma:
             return denoised
 

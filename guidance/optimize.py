@@ -103,6 +103,7 @@ def optimize_latent(
 
     Must run inside `autograd_through(diffusion_model)`.
     """
+    session.reference.cache.begin_run()
     x = init.detach().to(latent_dtype(init)).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=settings.lr)
     use_content = content is not None and settings.content_weight != 0

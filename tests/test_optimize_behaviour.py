@@ -110,16 +110,24 @@ def test_reference_and_content_features_are_cached_across_runs(setup):
     assert (ref.cache.misses, ref.cache.hits) == (12, 12), "another content latent must not hit"
 
 
-def test_cache_keeps_what_fits_in_its_budget(pack):
+def test_cache_keeps_what_fits_and_makes_room_from_older_runs(pack):
     from attention_distillation_pack.attention.cache import FeatureCache
 
     cache = FeatureCache(budget_bytes=3 * 4 * 10)
     calls = []
-    for _ in range(2):
-        for step in range(5):
-            cache.get_or_compute(step, lambda step=step: calls.append(step) or [torch.zeros(10)])
-    assert calls == [0, 1, 2, 3, 4, 3, 4], "the first entries that fit stay; later ones are recomputed"
+
+    def run(keys):
+        cache.begin_run()
+        for key in keys:
+            cache.get_or_compute(key, lambda key=key: calls.append(key) or [torch.zeros(10)])
+
+    run(range(5))
+    run(range(5))
+    assert calls == [0, 1, 2, 3, 4, 3, 4], "a re-run hits the entries that fit; LRU would have kept none"
     assert (cache.hits, cache.misses, cache.not_stored, cache.stored_bytes) == (3, 7, 4, 120)
+    calls.clear()
+    run([0, "a", "b"])  # another run (another noise seed) replaces entries the current run has not used
+    assert calls == ["a", "b"] and set(cache.entries) == {"a", "b", 0}
 
 
 def test_progress_and_cancel(setup):
