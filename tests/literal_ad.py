@@ -17,7 +17,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(b, n, heads, c // heads).permute(0, 2, 1, 3)
 
 
-def _attention(q, k, v, allowed=None):
+def softmax_attention(q, k, v, allowed=None):
     logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -31,7 +31,7 @@ def extract(diffusion_model, latent, t, context, keys, y=None):
     def patch(q, k, v, extra):
         heads = extra["n_heads"]
         qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
-        out = _attention(qh, kh, vh)
+        out = softmax_attention(qh, kh, vh)
         found[(extra["block"][0], extra["block"][1], extra["block_index"])] = (qh, kh, vh, out)
         return out.permute(0, 2, 1, 3).reshape(q.shape)
 
@@ -90,7 +90,7 @@ def ad_optimize(diffusion_model, reference, init, context, keys, steps, lr, iter
                 loss = 0
                 for i, (q, _, _, out) in enumerate(feats):
                     with torch.no_grad():
-                        target = _attention(q, k_ref[i], v_ref[i], masks[i] if masks else None)
+                        target = softmax_attention(q, k_ref[i], v_ref[i], masks[i] if masks else None)
                     loss = loss + (out - target).abs().mean()
                 if q_content is not None:
                     loss = loss + content_weight * sum((q - qc).abs().mean() for (q, *_), qc in zip(feats, q_content))

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import tiny_models as tm
+from literal_ad import extract as literal_features
+from literal_ad import softmax_attention
 
 SD15_SCALE = 0.18215
 H, W = 8, 12  # latent size: non-square so that height/width mix-ups show
@@ -162,36 +164,6 @@ def recorded(mods, monkeypatch):
 # -- a literal implementation of DESIGN §2.5 (shares no code with the pack) ---------------------
 
 
-def _split(t, heads):
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).permute(0, 2, 1, 3)
-
-
-def _softmax_attention(q, k, v):
-    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
-
-
-def literal_features(unet, latent, t, context, keys):
-    """q and attention output (heads split) of the layers `keys`, plus k and v, from a full forward."""
-    found = {}
-
-    def patch(q, k, v, extra):
-        heads = extra["n_heads"]
-        qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
-        out = _softmax_attention(qh, kh, vh)
-        found[(extra["block"][0], extra["block"][1], extra["block_index"])] = (qh, kh, vh, out)
-        return out.permute(0, 2, 1, 3).reshape(q.shape)
-
-    batch = latent.shape[0]
-    unet(
-        latent,
-        torch.full((batch,), float(t)),
-        context=context.expand(batch, -1, -1),
-        transformer_options={"patches_replace": {"attn1": {key: patch for key in keys}}},
-    )
-    return [found[key] for key in keys]
-
-
 def literal_eps(unet, latent, t, context):
     return unet(latent, torch.full((latent.shape[0],), float(t)), context=context.expand(latent.shape[0], -1, -1))
 
@@ -246,7 +218,7 @@ def literal_guided_ddim(
                     literal_features(unet, z, t_feat, null, keys), ref_feats
                 ):
                     with torch.no_grad():
-                        target = _softmax_attention(q, k_ref, v_ref)
+                        target = softmax_attention(q, k_ref, v_ref)
                     loss = loss + (out - target).abs().mean()
                 loss.backward()
                 adam.step()
