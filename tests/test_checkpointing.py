@@ -58,3 +58,28 @@ def test_auto_rule(pack):
     assert not use_checkpointing("auto", sdxl, (1, 4, 96, 96))
     assert not use_checkpointing("auto", sd15, (1, 4, 128, 128))
     assert use_checkpointing("on", sd15, (1, 4, 8, 8)) and not use_checkpointing("off", sdxl, (1, 4, 128, 128))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_early_exit_changes_nothing(pack, kind):
+    """Stopping the forward after the last selected layer gives the same features and gradient."""
+    from attention_distillation_pack.attention.layers import select_layers
+    from attention_distillation_pack.attention.unet_pass import UNetFeaturePass, conditioning_kwargs
+    from attention_distillation_pack.guidance.autograd import autograd_through
+
+    with torch.inference_mode():
+        patcher = tm.build(kind, dtype=torch.float64, scale=0.1)
+    base = patcher.model
+    layers = select_layers(base.diffusion_model, "1,3")
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    results = []
+    with torch.inference_mode(), autograd_through(base.diffusion_model):
+        cond = conditioning_kwargs(base, tm.conditioning(kind, dtype=torch.float64), x0, torch.device("cpu"))
+        for stop_early in (True, False):
+            x = x0.clone().requires_grad_(True)
+            records = UNetFeaturePass(base, layers, stop_early=stop_early).run(x, 400, cond)
+            loss = sum(r.out.abs().mean() + r.q.pow(2).mean() for r in records)
+            loss.backward()
+            results.append((loss.detach(), x.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-12, atol=0)
