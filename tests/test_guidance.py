@@ -627,31 +627,15 @@ def test_ksampler_advanced_sampler_custom_and_custom_advanced(mods, sd15, refere
 
     sigmas = comfy.samplers.calculate_sigmas(sd15.model.model_sampling, "karras", 3)
     recorded.clear()
-    with torch.inference_mode():
-        custom = comfy.sample.sample_custom(
-            guided,
-            noise,
-            5.0,
-            comfy.samplers.sampler_object("dpmpp_2m"),
-            sigmas,
-            POS,
-            NEG,
-            latent,
-            seed=0,
-            disable_pbar=True,
-        )
-        plain = comfy.sample.sample_custom(
-            sd15,
-            noise,
-            5.0,
-            comfy.samplers.sampler_object("dpmpp_2m"),
-            sigmas,
-            POS,
-            NEG,
-            latent,
-            seed=0,
-            disable_pbar=True,
-        )
+    def sample_custom(model):
+        sampler = comfy.samplers.sampler_object("dpmpp_2m")
+        with torch.inference_mode():
+            return comfy.sample.sample_custom(
+                model, noise, 5.0, sampler, sigmas, POS, NEG, latent, seed=0, disable_pbar=True
+            )
+
+    custom = sample_custom(guided)
+    plain = sample_custom(sd15)
     assert [c["step"] for c in recorded] == [0, 1, 2] and not torch.equal(custom, plain)
 
     recorded.clear()
