@@ -83,7 +83,8 @@ def _backward_capable_attention(func, *args, **kwargs):
     (sage/flash kernels cannot)."""
     import comfy.ldm.modules.attention as attention
 
-    return attention.attention_pytorch(*args, **kwargs)
+    sdpa = getattr(attention, "attention_pytorch", None)
+    return (sdpa or func)(*args, **kwargs)
 
 
 class UNetFeaturePass:
