@@ -19,7 +19,7 @@ class _CheckpointedBlock(torch.autograd.Function):
     """Runs `run(h) -> (h_out, *features)` without a graph; recomputes it in backward."""
 
     @staticmethod
-    def forward(ctx, run: Callable, h: torch.Tensor, *features_unused: torch.Tensor):  # noqa: ANN205
+    def forward(ctx, run: Callable, h: torch.Tensor):  # noqa: ANN205
         ctx.run = run
         ctx.save_for_backward(h)
         with torch.no_grad():

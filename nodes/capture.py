@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..attention.layers import PAPER_DEFAULT_SPEC, list_self_attention_layers, parse_layer_spec
+from ..attention.layers import PAPER_DEFAULT_SPEC, select_layers
 from ..attention.reference import ADReference
 from ..attention.unet_pass import check_sd_unet, conditioning_kwargs, latent_channels
 from ..guidance.losses import labels_from_mask
@@ -67,7 +67,7 @@ class CaptureReferenceAttention:
             base = model.model
             check_sd_unet(base)
             samples = latent_samples(NODE, reference, "reference", latent_channels(base))
-            parse_layer_spec(layers, len(list_self_attention_layers(base.diffusion_model)))
+            select_layers(base.diffusion_model, layers)
             require(isinstance(null_conditioning, list) and len(null_conditioning) > 0, NODE,
                     "'null_conditioning' is empty; connect CLIPTextEncode with empty text")
             try:
