@@ -15,6 +15,14 @@ from .reference import ADReference
 from .unet_pass import UNetFeaturePass, check_sd_unet, conditioning_kwargs, latent_dtype
 
 
+def object_patch_identity(patcher: Any) -> tuple:
+    """What a patcher's object patches are, for cache keys: clones that replace modules (seamless
+    tiling) compute other features from the same weights, so their cached features must differ."""
+    patches = getattr(patcher, "object_patches", None) or {}
+    identities = ((name, getattr(obj, "ad_cache_identity", id(obj))) for name, obj in patches.items())
+    return tuple(sorted(identities, key=lambda item: item[0]))
+
+
 class ADModelSession:
     """Binds an AD_REFERENCE to a loaded ModelPatcher. Call the passes inside the autograd
     context of guidance/ so that tensors are normal (non-inference) ones."""
@@ -33,7 +41,12 @@ class ADModelSession:
         self.device = device if device is not None else patcher.load_device
         self.layers: list[SelfAttentionLayer] = select_layers(base.diffusion_model, reference.layer_spec)
         self.unet_pass = UNetFeaturePass(base, self.layers, checkpoint=gradient_checkpointing)
-        self.model_key = (id(base), getattr(patcher, "patches_uuid", None), tuple(layer.patch_key for layer in self.layers))
+        self.model_key = (
+            id(base),
+            getattr(patcher, "patches_uuid", None),
+            object_patch_identity(patcher),
+            tuple(layer.patch_key for layer in self.layers),
+        )
         self._ref_latent: torch.Tensor | None = None
         self._cond_cache: dict[tuple, dict[str, torch.Tensor]] = {}
 

@@ -42,6 +42,7 @@ from ..attention.unet_pass import latent_dtype
 from .autograd import autograd_through
 from .losses import adain
 from .optimize import ad_objective, region_masks
+from .windows import Window, WindowSettings, coverage, is_whole, plan_windows, wrap_axes
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def ad_guidance_update(
     target_labels: torch.Tensor | None = None,
     step: int = 0,
     on_iteration: Callable[[GuidanceIteration], None] | None = None,
+    windows: list[Window] | None = None,
 ) -> torch.Tensor:
     """One guidance update (DESIGN §2.5 steps 2-4) of the post-step latent.
 
@@ -176,8 +178,30 @@ def ad_guidance_update(
     (default: reference_noise); content: model-space content latent (batch 1 or B) with its
     ε in content_noise. Returns the optimized x'* = c·z* in the same form.
 
+    With `windows` (more than one), each window gets this update on its own (AdaIN and a
+    fresh Adam, like the reference code's panorama mode) and the results are averaged where
+    windows overlap.
+
     Must run inside `autograd_through(diffusion_model)`.
     """
+    if windows is not None and not is_whole(windows):
+        total = torch.zeros_like(latent, dtype=latent_dtype(latent))
+        for window in windows:
+            part = ad_guidance_update(
+                session,
+                window.crop(latent),
+                sigma,
+                reference_noise,
+                settings,
+                adain_noise=adain_noise,
+                content=window.crop(content) if content is not None else None,
+                content_noise=window.crop(content_noise) if content_noise is not None else None,
+                target_labels=window.crop_labels(target_labels) if target_labels is not None else None,
+                step=step,
+                on_iteration=on_iteration,
+            )
+            window.add_into(total, part.to(total))
+        return total / coverage(windows, *latent.shape[-2:], device=total.device).to(total.dtype)
     sigma = float(sigma)
     optimize = settings.iterations > 0 and settings.lr != 0
     if not optimize and not settings.adain:
@@ -326,6 +350,7 @@ class ADGuidanceHook:
         fallback_patcher: Any = None,
         on_iteration: Callable[[GuidanceIteration], None] | None = None,
         checkpointing: Callable[[Any, tuple[int, ...]], bool] | None = None,
+        windows: WindowSettings | None = None,
     ) -> None:
         self.reference = reference
         self.settings = settings
@@ -337,6 +362,7 @@ class ADGuidanceHook:
         self.fallback_patcher = fallback_patcher
         self.on_iteration = on_iteration
         self.checkpointing = checkpointing
+        self.windows = windows
         self._warned_schedule = False
 
     def __deepcopy__(self, memo: dict) -> ADGuidanceHook:
@@ -353,6 +379,13 @@ class ADGuidanceHook:
             patcher = SimpleNamespace(model=model, load_device=latent.device, patches_uuid=None)
         checkpoint = bool(self.checkpointing(patcher, tuple(latent.shape))) if self.checkpointing is not None else False
         return ADModelSession(patcher, self.reference, device=latent.device, gradient_checkpointing=checkpoint)
+
+    def plan(self, shape: tuple[int, ...], patcher: Any) -> list[Window] | None:
+        """Windows for a latent of `shape` (wrapping on the patcher's seamless-tiling axes), or None."""
+        if self.windows is None:
+            return None
+        wrap_x, wrap_y = wrap_axes(patcher if patcher is not None else self.fallback_patcher)
+        return plan_windows(shape[-2], shape[-1], self.windows, wrap_y=wrap_y, wrap_x=wrap_x)
 
     def _check_batch(self, batch: int, content: torch.Tensor | None, latent: torch.Tensor) -> None:
         if content is not None:
@@ -406,7 +439,8 @@ class ADGuidanceHook:
         x = args["input"]
         noise_step = noise_step_key(feature_timestep(model.model_sampling, sigma_next)[0])
         with autograd_through(model.diffusion_model):
-            session = self._session(model, patcher, x)
+            windows = self.plan(tuple(x.shape), patcher)
+            session = self._session(model, patcher, x if not windows else windows[0].crop(x))
             x_k = x.detach().clone().to(latent_dtype(x))
             d_k = denoised.detach().clone().to(x_k.dtype)
             x_next = deterministic_step(x_k, d_k, sigma, sigma_next)
@@ -428,6 +462,7 @@ class ADGuidanceHook:
                 target_labels=self.target_labels,
                 step=step,
                 on_iteration=self.on_iteration,
+                windows=windows,
             )
             result = landing_denoised(x_k, x_star.to(x_k), sigma, sigma_next).to(denoised.dtype)
         if denoised.is_inference():

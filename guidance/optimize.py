@@ -14,6 +14,7 @@ from ..attention.session import ADModelSession
 from ..attention.unet_pass import latent_dtype
 from .losses import ad_loss, content_loss, labels_at, region_attention_mask
 from .schedule import ddim_timesteps
+from .windows import Window, coverage, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,13 @@ def optimize_latent(
     content: torch.Tensor | None = None,
     target_labels: torch.Tensor | None = None,
     on_iteration: Callable[[IterationReport], None] | None = None,
+    windows: list[Window] | None = None,
 ) -> torch.Tensor:
     """Run the reference code's `optimize` loop on `init` (model space); returns model space.
+
+    With `windows` (more than one), every iteration back-propagates the AD loss of each window
+    on its own, averages the gradients where windows overlap and takes one Adam step: the
+    memory of a pass is the window's, whatever the latent's size.
 
     Must run inside `autograd_through(diffusion_model)`.
     """
@@ -108,24 +114,45 @@ def optimize_latent(
     optimizer = torch.optim.Adam([x], lr=settings.lr)
     use_content = content is not None and settings.content_weight != 0
     warned = False
-    masks = region_masks(session, target_labels)
     content_key = tensor_digest(content) if use_content else None
+    windowed = windows is not None and not is_whole(windows)
+    parts = windows if windowed else [None]
+    masks = [region_masks(session, _crop_labels(target_labels, w)) for w in parts]
+    count = coverage(windows, *x.shape[-2:], device=x.device).to(x.dtype) if windowed else None
     for step, timestep in enumerate(ddim_timesteps(settings.steps)):
         refs = session.reference_kv(timestep)
-        content_q = session.queries(content, timestep, cache_key=content_key) if use_content else None
+        content_q = [
+            session.queries(_crop(content, w), timestep, cache_key=(content_key, w)) if use_content else None
+            for w in parts
+        ]
         for iteration in range(settings.iterations):
             optimizer.zero_grad(set_to_none=True)
-            loss, ad, cl = ad_objective(session, x, timestep, refs, content_q, settings.content_weight, masks)
-            skipped = not bool(torch.isfinite(loss))
-            if skipped:
-                if not warned:
-                    log.warning("Latent AD Optimize: non-finite loss at timestep %s; update skipped", timestep)
-                    warned = True
-            else:
-                loss.backward()
-                optimizer.step()
-            if on_iteration is not None:
-                on_iteration(
-                    IterationReport(step, iteration, timestep, float(ad.detach()), float(cl.detach()) if cl is not None else 0.0, skipped)
+            finite, ad, cl = True, 0.0, 0.0
+            for part, part_q, part_masks in zip(parts, content_q, masks, strict=True):
+                loss, part_ad, part_cl = ad_objective(
+                    session, _crop(x, part), timestep, refs, part_q, settings.content_weight, part_masks
                 )
+                ad += float(part_ad.detach()) / len(parts)
+                cl += float(part_cl.detach()) / len(parts) if part_cl is not None else 0.0
+                if not bool(torch.isfinite(loss)):
+                    finite = False
+                    break
+                loss.backward()  # per window: its graph is freed before the next one is built
+            if finite:
+                if count is not None:
+                    x.grad.div_(count)
+                optimizer.step()
+            elif not warned:
+                log.warning("Latent AD Optimize: non-finite loss at timestep %s; update skipped", timestep)
+                warned = True
+            if on_iteration is not None:
+                on_iteration(IterationReport(step, iteration, timestep, ad, cl, not finite))
     return x.detach()
+
+
+def _crop(tensor: torch.Tensor | None, window: Window | None) -> torch.Tensor | None:
+    return tensor if tensor is None or window is None else window.crop(tensor)
+
+
+def _crop_labels(labels: torch.Tensor | None, window: Window | None) -> torch.Tensor | None:
+    return labels if labels is None or window is None else window.crop_labels(labels)

@@ -3,15 +3,18 @@
 from .capture import CaptureReferenceAttention
 from .guidance import ADLossGuidance
 from .optimize import LatentADOptimize
+from .windows import ADTextureWindows
 
 NODE_CLASS_MAPPINGS = {
     "CaptureReferenceAttention": CaptureReferenceAttention,
     "LatentADOptimize": LatentADOptimize,
     "ADLossGuidance": ADLossGuidance,
+    "ADTextureWindows": ADTextureWindows,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "CaptureReferenceAttention": "Capture Reference Attention",
     "LatentADOptimize": "Latent AD Optimize",
     "ADLossGuidance": "AD Loss Guidance",
+    "ADTextureWindows": "AD Texture Windows",
 }

@@ -21,6 +21,7 @@ from .common import (
     use_checkpointing,
 )
 from .errors import reported_as, require
+from .windows import AD_WINDOWS, window_settings
 from .inputs import finite_number, latent_samples, mask_batch, whole_number
 
 NODE = "AD Loss Guidance"
@@ -156,6 +157,9 @@ class ADLossGuidance:
                     },
                 ),
                 "gradient_checkpointing": CHECKPOINTING_INPUT,
+                "windows": (AD_WINDOWS, {"tooltip": "From AD Texture Windows: guide a latent larger than the window in "
+                                         "overlapping windows (the reference code's panorama mode), with the memory "
+                                         "of one window."}),
             },
         }
 
@@ -173,6 +177,7 @@ class ADLossGuidance:
         content_weight=0.25,
         target_mask=None,
         gradient_checkpointing="auto",
+        windows=None,
     ):
         with reported_as(NODE):
             require(isinstance(reference, ADReference), NODE, "'reference' must come from Capture Reference Attention")
@@ -226,6 +231,7 @@ class ADLossGuidance:
                     mask_batch(NODE, target_mask, "target_mask", target_mask.shape[0] if target_mask.ndim == 3 else 1)
                 )
 
+            window_choice = window_settings(NODE, windows)
             patched = model.clone()
             if iterations == 0 or (lr == 0 and not adain):
                 log.warning("%s: iterations or lr is 0 (and AdaIN off), so the model is returned unguided", NODE)
@@ -241,6 +247,7 @@ class ADLossGuidance:
                 fallback_patcher=patched,
                 on_iteration=_interrupt_check,
                 checkpointing=functools.partial(use_checkpointing, gradient_checkpointing),
+                windows=window_choice,
             )
             patched.set_model_sampler_post_cfg_function(hook)
             return (patched,)

@@ -12,6 +12,7 @@ from ..attention.unet_pass import check_sd_unet, latent_channels, latent_dtype
 from ..guidance.autograd import autograd_through
 from ..guidance.losses import labels_from_mask
 from ..guidance.optimize import IterationReport, OptimizeSettings, optimize_latent
+from ..guidance.windows import plan_windows, wrap_axes
 from .common import (
     AD_REFERENCE,
     CATEGORY,
@@ -23,6 +24,7 @@ from .common import (
 )
 from .errors import reported_as, require
 from .inputs import finite_number, latent_samples, mask_batch, whole_number
+from .windows import AD_WINDOWS, window_settings
 
 NODE = "Latent AD Optimize"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -79,11 +81,13 @@ class LatentADOptimize:
                 "content": ("LATENT", {"tooltip": "Content target of the content loss. Default: the start latent when it is not empty."}),
                 "target_mask": ("MASK", {"tooltip": "Region labels of the result (same grey levels as the reference mask) for controlled synthesis."}),
                 "gradient_checkpointing": CHECKPOINTING_INPUT,
+                "windows": (AD_WINDOWS, {"tooltip": "From AD Texture Windows: optimize a latent larger than the window "
+                                         "in overlapping windows, with the memory of one window."}),
             },
         }
 
     def optimize(self, model, reference, latent, steps, lr, iterations, content_weight, seed, content=None,
-                 target_mask=None, gradient_checkpointing="auto"):
+                 target_mask=None, gradient_checkpointing="auto", windows=None):
         import comfy.utils
 
         with reported_as(NODE):
@@ -104,6 +108,7 @@ class LatentADOptimize:
                         "a target mask needs region labels on the reference too: connect reference_mask on Capture Reference Attention")
                 labels = labels_from_mask(mask_batch(NODE, target_mask, "target_mask", samples.shape[0]))
 
+            window_choice = window_settings(NODE, windows)
             if lr == 0 or iterations == 0:
                 log.warning("%s: lr or iterations is 0, so the node does nothing and returns its latent unchanged", NODE)
                 return (latent,)
@@ -112,10 +117,16 @@ class LatentADOptimize:
             if content_samples is None and not empty:
                 content_samples = samples
 
-            load_for_ad(model, tuple(samples.shape))
+            plan = None
+            pass_shape = tuple(samples.shape)
+            if window_choice is not None:
+                wrap_x, wrap_y = wrap_axes(model)
+                plan = plan_windows(samples.shape[-2], samples.shape[-1], window_choice, wrap_y=wrap_y, wrap_x=wrap_x)
+                pass_shape = (*samples.shape[:-2], plan[0].height, plan[0].width)
+            load_for_ad(model, pass_shape)
             require(gradient_checkpointing in CHECKPOINTING_CHOICES, NODE,
                     f"'gradient_checkpointing' must be one of {CHECKPOINTING_CHOICES}")
-            checkpointing = use_checkpointing(gradient_checkpointing, model, tuple(samples.shape))
+            checkpointing = use_checkpointing(gradient_checkpointing, model, pass_shape)
             session = ADModelSession(model, reference, gradient_checkpointing=checkpointing)
             progress = comfy.utils.ProgressBar(steps)
 
@@ -132,7 +143,7 @@ class LatentADOptimize:
                 content_unet = session.to_model_space(content_samples) if content_samples is not None else None
                 settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
                 result = optimize_latent(session, init, settings, content=content_unet,
-                                         target_labels=labels, on_iteration=on_iteration)
+                                         target_labels=labels, on_iteration=on_iteration, windows=plan)
                 out = session.to_latent_space(result).to(samples.device, samples.dtype)
             output = {k: v for k, v in latent.items() if k != "noise_mask"}
             output["samples"] = out

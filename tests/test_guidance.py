@@ -863,7 +863,7 @@ def test_node_interface(pack, mods):
     assert required["lr"][1]["default"] == 0.015 and required["iterations"][1]["default"] == 2
     assert required["adain"][1]["default"] is True
     assert (required["start_percent"][1]["default"], required["end_percent"][1]["default"]) == (0.0, 1.0)
-    assert set(inputs["optional"]) == {"content", "content_weight", "target_mask", "gradient_checkpointing"}
+    assert set(inputs["optional"]) == {"content", "content_weight", "target_mask", "gradient_checkpointing", "windows"}
     assert "0.05" in required["lr"][1]["tooltip"] and "0.015" in required["lr"][1]["tooltip"]
 
 
