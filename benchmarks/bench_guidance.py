@@ -205,6 +205,12 @@ print(f"  floor per step: {floor_step[0]:.2f} s / {floor_step[1]:.2f} s; "
       f"with the reference cached: {floor_cached[0]:.2f} s / {floor_cached[1]:.2f} s")
 print(f"guided step (mean): {mean_guided:.2f} s wall = {mean_guided / floor_step[0]:.2f}x the floor; "
       f"{mean_guided_cpu:.2f} s CPU = {mean_guided_cpu / floor_step[1]:.2f}x the floor's CPU time")
+mean_plain = sum(plain_steps) / len(plain_steps)
+ad_floor = t_ref[0] + args.iterations * t_iter[0]
+print(f"with the sampler's own plain step ({mean_plain:.2f} s, measured above) in place of the bare CFG forward: "
+      f"floor {mean_plain + ad_floor:.2f} s, guided step = {mean_guided / (mean_plain + ad_floor):.2f}x; "
+      f"the AD part alone (guided - plain step, {mean_guided - mean_plain:.2f} s) = "
+      f"{(mean_guided - mean_plain) / ad_floor:.2f}x its floor ({ad_floor:.2f} s)")
 if args.rerun:
     print(f"guided re-run step: {mean_rerun:.2f} s = {mean_rerun / floor_cached[0]:.2f}x the cached floor")
 print(f"reference cache: hits {reference.cache.hits}, misses {reference.cache.misses}")

@@ -97,5 +97,16 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 1) ->
     return seconds, peak.peak - peak.base
 
 
+def tensor_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensor storage that `fn` allocated and held at once (exact on the CPU, where the
+    resident-set peak of one process is not comparable between calls: freed heap is reused)."""
+    from memory_meter import StoragePeak
+
+    meter = StoragePeak()
+    with meter:
+        fn()
+    return meter.peak
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
