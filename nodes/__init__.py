@@ -1,6 +1,7 @@
 """ComfyUI node classes of the pack."""
 
 from .capture import CaptureReferenceAttention
+from .decoder import ADFineTuneVAEDecoder
 from .guidance import ADLossGuidance
 from .optimize import LatentADOptimize
 from .windows import ADTextureWindows
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "LatentADOptimize": LatentADOptimize,
     "ADLossGuidance": ADLossGuidance,
     "ADTextureWindows": ADTextureWindows,
+    "ADFineTuneVAEDecoder": ADFineTuneVAEDecoder,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -17,4 +19,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LatentADOptimize": "Latent AD Optimize",
     "ADLossGuidance": "AD Loss Guidance",
     "ADTextureWindows": "AD Texture Windows",
+    "ADFineTuneVAEDecoder": "AD Fine-Tune VAE Decoder",
 }

@@ -30,8 +30,9 @@ def _is_oom(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def reported_as(node: str) -> Iterator[None]:
-    """Turn known failures into ADNodeError naming `node`; let Cancel and others through."""
+def reported_as(node: str, oom_advice: str = OOM_ADVICE) -> Iterator[None]:
+    """Turn known failures into ADNodeError naming `node` (out of memory with `oom_advice`); let
+    Cancel and others through."""
     try:
         yield
     except ADNodeError:
@@ -43,7 +44,7 @@ def reported_as(node: str) -> Iterator[None]:
             import comfy.model_management
 
             comfy.model_management.soft_empty_cache()
-            raise ADNodeError(node, OOM_ADVICE) from error
+            raise ADNodeError(node, oom_advice) from error
         raise
 
 
