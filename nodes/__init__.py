@@ -4,6 +4,7 @@ from .capture import CaptureReferenceAttention
 from .decoder import ADFineTuneVAEDecoder
 from .guidance import ADLossGuidance
 from .optimize import LatentADOptimize
+from .tiling import ADSeamlessTiling
 from .windows import ADTextureWindows
 
 NODE_CLASS_MAPPINGS = {
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "ADLossGuidance": ADLossGuidance,
     "ADTextureWindows": ADTextureWindows,
     "ADFineTuneVAEDecoder": ADFineTuneVAEDecoder,
+    "ADSeamlessTiling": ADSeamlessTiling,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +22,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ADLossGuidance": "AD Loss Guidance",
     "ADTextureWindows": "AD Texture Windows",
     "ADFineTuneVAEDecoder": "AD Fine-Tune VAE Decoder",
+    "ADSeamlessTiling": "AD Seamless Tiling",
 }

@@ -218,6 +218,9 @@ class ADFineTuneVAEDecoder:
             progress.update_absolute(epoch + 1)
 
         comfy.model_management.free_memory(training_memory(vae, model, tile), device)
+        # Copy the decoder as this VAE decodes: loaded, with its object patches (AD Seamless Tiling's
+        # circular convolutions) in place, so a fine-tuned tiled VAE still tiles.
+        comfy.model_management.load_models_gpu([vae.patcher])
         with torch.inference_mode(False):
             view = training_view(model, device)
         decoder = getattr(view, TRAINED)

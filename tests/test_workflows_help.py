@@ -34,7 +34,8 @@ def _expected_default(options: dict, kind: str) -> str | None:
     return repr(value)
 
 
-@pytest.mark.parametrize("node", ["CaptureReferenceAttention", "LatentADOptimize", "ADLossGuidance", "ADTextureWindows"])
+@pytest.mark.parametrize("node", ["CaptureReferenceAttention", "LatentADOptimize", "ADLossGuidance", "ADTextureWindows",
+                                  "ADSeamlessTiling", "ADFineTuneVAEDecoder"])
 def test_help_page_documents_every_input_with_its_default(pack, node):
     page = (WEB / "docs" / f"{node}.md").read_text(encoding="utf-8")
     assert page.startswith(f"# {pack.NODE_DISPLAY_NAME_MAPPINGS[node]}\n")
