@@ -100,9 +100,12 @@ def write_input_image(target: Path, images: Path) -> None:
         return
     picture = Image.new("RGB", (512, 512), (0, 0, 0))
     draw = ImageDraw.Draw(picture)
-    if "labels" in target.name:  # three grey-level regions
+    if "labels" in target.name:  # a label map of a reference: three grey-level regions
         draw.rectangle([170, 0, 511, 511], fill=(128, 128, 128))
         draw.ellipse([260, 140, 480, 360], fill=(255, 255, 255))
+    elif "layout" in target.name:  # a label map of a target layout: the same three levels, placed anew
+        draw.rectangle([0, 0, 511, 255], fill=(128, 128, 128))
+        draw.ellipse([136, 136, 376, 376], fill=(255, 255, 255))
     else:
         for i in range(16):
             draw.rectangle([i * 32, 0, i * 32 + 31, 511], fill=(40 + i * 12, 90 + (i * 37) % 120, 200 - i * 9))

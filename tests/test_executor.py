@@ -8,9 +8,10 @@ ComfyUI's requirements; without them every test here is reported as skipped, wit
 
 The models are random-weight files (tests/executor_models.py) placed under the public file names the
 workflows use, built once into a cache folder ($AD_TEST_CACHE, else ~/.cache/...); the input images
-are generated. Each workflow runs at 64x64 with 2 steps: the graph, the node wiring, the loaders,
-the text encoders, the VAE, ControlNet, LoRA and the pack's nodes are all exercised for real; the
-pictures mean nothing.
+are generated. Each workflow runs at 64x64 (a wider texture at 128x64) with 2 steps (2 epochs for
+the decoder fine-tune, 64-pixel windows that still make several windows): the graph, the node
+wiring, the loaders, the text encoders, the VAE, ControlNet, LoRA and the pack's nodes are all
+exercised for real; the pictures mean nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from test_workflows import NAMES
 
 SMALL = 64  # pixels: an 8x8 latent
 STEPS = 2
+EPOCHS = 2  # of AD Fine-Tune VAE Decoder
+WINDOW, STRIDE = SMALL, SMALL // 2  # AD Texture Windows: a latent wider than SMALL gets several windows
 SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
 
 
@@ -110,11 +113,15 @@ class Host:
                  for v in n["widgets_values"][:1]}
         for name in sorted(names):
             height, width = 80, 96  # not square: ImageScale's centre crop has work to do
-            if "labels" in name:
+            if "labels" in name:  # a reference's regions: three grey levels
                 levels = np.zeros((height, width), np.uint8)
                 levels[:, width // 3:] = 128
                 levels[height // 2:, 2 * width // 3:] = 255
                 pixels = np.repeat(levels[..., None], 3, axis=2)
+            elif "layout" in name:  # a target layout: a white disc on black, inside the centre crop
+                rows, cols = np.mgrid[:height, :width]
+                disc = (rows - height / 2) ** 2 + (cols - width / 2) ** 2 < (height / 3) ** 2
+                pixels = np.repeat(np.where(disc, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
             else:
                 base = rng.uniform(0, 255, (height // 8, width // 8, 3)).astype(np.uint8)
                 pixels = np.asarray(Image.fromarray(base).resize((width, height), Image.BICUBIC))
@@ -180,18 +187,18 @@ def _comfy_version(root: Path) -> str:
 
 # -- the host sees what the validation tests assume --------------------------------------------------------
 
-def test_pack_loads_through_comfyuis_loader(host):
+def test_pack_loads_through_comfyuis_loader(host, pack):
     assert host.loaded, "nodes.load_custom_node returned False"
-    for name in ("CaptureReferenceAttention", "LatentADOptimize", "ADLossGuidance"):
+    for name in pack.NODE_CLASS_MAPPINGS:
         cls = host.nodes.NODE_CLASS_MAPPINGS[name]
         assert Path(sys.modules[cls.__module__].__file__).resolve().is_relative_to(wt.REPO)
         assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
 
 
-def test_help_pages_are_registered(host):
+def test_help_pages_are_registered(host, pack):
     web = {Path(v).resolve() for v in host.nodes.EXTENSION_WEB_DIRS.values()}
     assert (wt.REPO / "web").resolve() in web
-    for name in ("CaptureReferenceAttention", "LatentADOptimize", "ADLossGuidance"):
+    for name in pack.NODE_CLASS_MAPPINGS:
         assert (wt.REPO / "web" / "docs" / f"{name}.md").is_file()
 
 
@@ -221,15 +228,53 @@ def test_core_titles_are_comfyuis_display_names(host):
 # -- the workflows run ---------------------------------------------------------------------------------------
 
 def small(prompt: dict) -> dict:
-    """The same graph at 64x64 with 2 steps."""
+    """The same graph at 64x64 (the shorter side of an Empty Latent Image, keeping its aspect) with
+    2 steps, 2 fine-tuning epochs and 64-pixel windows."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
+        if node["class_type"] == "ImageScale":
             inputs["width"] = inputs["height"] = SMALL
+        if node["class_type"] == "EmptyLatentImage":
+            shorter = min(inputs["width"], inputs["height"])
+            inputs["width"], inputs["height"] = (inputs["width"] * SMALL // shorter, inputs["height"] * SMALL // shorter)
         if node["class_type"] in ("LatentADOptimize", "KSampler"):
             inputs["steps"] = STEPS
+        if node["class_type"] == "ADFineTuneVAEDecoder":
+            inputs["epochs"] = EPOCHS
+        if node["class_type"] == "ADTextureWindows":
+            inputs["window_size"], inputs["stride"] = WINDOW, STRIDE
     return prompt
+
+
+def output_size(prompt: dict) -> tuple[int, int]:
+    """(width, height) of the saved images: the Empty Latent Image's, else the scaled photos'."""
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            return node["inputs"]["width"], node["inputs"]["height"]
+    return SMALL, SMALL
+
+
+def test_small_graphs_keep_what_the_workflows_exercise(pack):
+    """Shrunk, a windowed workflow still has several windows, and the fine-tune still trains."""
+    import importlib
+
+    plan = importlib.import_module(f"{pack.__name__}.guidance.windows").plan_windows
+    windows_node = pack.NODE_CLASS_MAPPINGS["ADTextureWindows"]()
+    seen = set()
+    for name in NAMES:
+        prompt = small(wt.load_json(wt.API_WORKFLOWS / f"{name}.json"))
+        for node in prompt.values():
+            inputs = node["inputs"]
+            if node["class_type"] == "ADTextureWindows":
+                (settings,) = windows_node.windows(inputs["window_size"], inputs["stride"])
+                width, height = output_size(prompt)
+                assert len(plan(height // 8, width // 8, settings)) > 1, name
+                seen.add(node["class_type"])
+            if node["class_type"] == "ADFineTuneVAEDecoder":
+                assert inputs["epochs"] > 0 and inputs["lr"] > 0, name
+                seen.add(node["class_type"])
+    assert seen == {"ADTextureWindows", "ADFineTuneVAEDecoder"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -256,7 +301,7 @@ def test_workflow_runs_in_comfyuis_executor(host, name, pack):
             path = folder / image["filename"]
             assert path.is_file(), path
             with Image.open(path) as picture:
-                assert picture.size == (SMALL, SMALL)
+                assert picture.size == output_size(prompt)
                 assert np.isfinite(np.asarray(picture, dtype=np.float32)).all()
         if prompt[node_id]["class_type"] == "SaveImage":
             assert images[0]["type"] == "output" and images[0]["subfolder"] == "AD"

@@ -20,6 +20,10 @@ NAMES = [
     "06_sdxl_style_text_to_image_1024",
     "07_sd15_controlnet_style",
     "08_sd15_lora_style",
+    "09_sd15_seamless_texture",
+    "10_sd15_large_texture",
+    "11_sd15_label_controlled_texture",
+    "12_sd15_decoder_finetune",
 ]
 
 
@@ -44,6 +48,16 @@ def _only(api: dict, class_type: str) -> dict:
 
 def _source(api: dict, ref: list) -> dict:
     return api[ref[0]]
+
+
+def _id(api: dict, class_type: str) -> str:
+    found = [node_id for node_id, node in api.items() if node["class_type"] == class_type]
+    assert len(found) == 1, f"expected one {class_type}, found {len(found)}"
+    return found[0]
+
+
+def _note(name: str) -> str:
+    return "\n".join(n["widgets_values"][0] for n in _ui(name)["nodes"] if n["type"] in wt.NOTE_TYPES)
 
 
 # -- the fixture and the file set --------------------------------------------------------------------------
@@ -147,6 +161,9 @@ def _checkpoint(api):
     ("01_sd15_style_transfer", 200, 0.25, "VAEEncode"),
     ("02_sd15_appearance_transfer_regions", 200, 0.25, "VAEEncode"),
     ("03_sd15_texture_synthesis_optimize", 300, 0.0, "EmptyLatentImage"),
+    ("09_sd15_seamless_texture", 300, 0.0, "EmptyLatentImage"),
+    ("11_sd15_label_controlled_texture", 300, 0.0, "EmptyLatentImage"),
+    ("12_sd15_decoder_finetune", 300, 0.0, "EmptyLatentImage"),
 ])
 def test_optimize_workflows_use_reference_defaults(name, steps, content_weight, start):
     api = _api(name)
@@ -161,14 +178,19 @@ def test_optimize_workflows_use_reference_defaults(name, steps, content_weight, 
             assert (node["inputs"]["width"], node["inputs"]["height"]) == (512, 512)
 
 
-def test_region_masks_are_connected():
-    api = _api("02_sd15_appearance_transfer_regions")
+@pytest.mark.parametrize("name,images", [
+    ("02_sd15_appearance_transfer_regions", ("appearance-reference-labels.png", "appearance-target-labels.png")),
+    ("11_sd15_label_controlled_texture", ("texture-labels.png", "texture-layout.png")),
+])
+def test_region_masks_are_connected(name, images):
+    api = _api(name)
     reference_mask = _source(api, _only(api, "CaptureReferenceAttention")["reference_mask"])
     target_mask = _source(api, _only(api, "LatentADOptimize")["target_mask"])
-    for mask in (reference_mask, target_mask):
+    for mask, image in zip((reference_mask, target_mask), images):
         assert mask["class_type"] == "ImageToMask"
         scale = _source(api, mask["inputs"]["image"])
         assert scale["inputs"]["upscale_method"] == "nearest-exact", "label maps must not blend grey levels"
+        assert _source(api, scale["inputs"]["image"])["inputs"]["image"] == image
 
 
 @pytest.mark.parametrize("name,ckpt,lr,iterations,adain,cfg,size", [
@@ -214,6 +236,97 @@ def test_lora_workflow_feeds_the_lora_model_everywhere():
     for node in api.values():
         if node["class_type"] == "CLIPTextEncode":
             assert node["inputs"]["clip"] == [lora_id, 1]
+
+
+def test_seamless_workflow_tiles_the_model_and_decodes_with_the_tiled_vae():
+    api = _api("09_sd15_seamless_texture")
+    ckpt, tiling_id = _id(api, "CheckpointLoaderSimple"), _id(api, "ADSeamlessTiling")
+    tiling = api[tiling_id]["inputs"]
+    assert (tiling["model"], tiling["vae"], tiling["tiling"]) == ([ckpt, 0], [ckpt, 2], "both")
+    assert _only(api, "CaptureReferenceAttention")["model"] == [tiling_id, 0]
+    assert _only(api, "LatentADOptimize")["model"] == [tiling_id, 0]
+    decode = _only(api, "VAEDecode")
+    assert decode["vae"] == [tiling_id, 1], "the seamless result must be decoded with the tiled VAE"
+    assert _source(api, decode["samples"])["class_type"] == "LatentADOptimize"
+    assert _only(api, "VAEEncode")["vae"] == [ckpt, 2]
+    assert not any(node["class_type"] == "VAEDecodeTiled" for node in api.values())
+    latent = _only(api, "EmptyLatentImage")
+    assert (latent["width"], latent["height"]) == (512, 512)
+
+
+def test_large_texture_samples_in_windows(pack):
+    import importlib
+
+    api = _api("10_sd15_large_texture")
+    windows_id = _id(api, "ADTextureWindows")
+    windows = api[windows_id]["inputs"]
+    assert (windows["window_size"], windows["stride"]) == (512, 64)
+    guidance = _only(api, "ADLossGuidance")
+    assert guidance["windows"] == [windows_id, 0]
+    assert (guidance["lr"], guidance["iterations"], guidance["adain"]) == (0.05, 2, False)
+    assert guidance["model"] == _only(api, "CaptureReferenceAttention")["model"]
+    sampler = _only(api, "KSampler")
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+        50, 1.0, "ddim", "ddim_uniform")
+    assert _source(api, sampler["model"])["class_type"] == "ADLossGuidance"
+    assert sampler["positive"] == sampler["negative"] == _only(api, "CaptureReferenceAttention")["null_conditioning"]
+    latent = _only(api, "EmptyLatentImage")
+    assert (latent["width"], latent["height"]) == (1024, 512), "wider than the 512x512 reference"
+    assert sampler["latent_image"] == [_id(api, "EmptyLatentImage"), 0]
+    assert _only(api, "ImageScale")["width"] == 512
+    plan = importlib.import_module(f"{pack.__name__}.guidance.windows").plan_windows
+    node = pack.NODE_CLASS_MAPPINGS["ADTextureWindows"]()
+    (settings,) = node.windows(windows["window_size"], windows["stride"])
+    assert len(plan(latent["height"] // 8, latent["width"] // 8, settings)) == 9, "the note promises 9 windows"
+    assert _checkpoint(api) == workflow_build.SD15
+
+
+def test_label_controlled_texture_layout_covers_the_output():
+    api = _api("11_sd15_label_controlled_texture")
+    optimize = _only(api, "LatentADOptimize")
+    latent = _source(api, optimize["latent"])["inputs"]
+    layout_scale = _source(api, _source(api, optimize["target_mask"])["inputs"]["image"])["inputs"]
+    assert (layout_scale["width"], layout_scale["height"]) == (latent["width"], latent["height"])
+    reference_scale = _source(api, _source(api, _only(api, "CaptureReferenceAttention")["reference_mask"])
+                              ["inputs"]["image"])["inputs"]
+    encode = _source(api, _only(api, "CaptureReferenceAttention")["reference"])
+    photo_scale = _source(api, encode["inputs"]["pixels"])["inputs"]
+    assert (reference_scale["width"], reference_scale["height"], reference_scale["crop"]) == (
+        photo_scale["width"], photo_scale["height"], photo_scale["crop"]), "labels are cropped like the reference"
+
+
+def test_decoder_finetune_decodes_with_the_tuned_vae():
+    api = _api("12_sd15_decoder_finetune")
+    ckpt, tuned_id = _id(api, "CheckpointLoaderSimple"), _id(api, "ADFineTuneVAEDecoder")
+    tuned = api[tuned_id]["inputs"]
+    assert (tuned["epochs"], tuned["lr"], tuned["tile_size"]) == (75, 0.0001, 512)
+    assert tuned["vae"] == [ckpt, 2]
+    encode = _source(api, _only(api, "CaptureReferenceAttention")["reference"])
+    assert tuned["images"] == encode["inputs"]["pixels"], "trained on the reference the AD result comes from"
+    assert encode["inputs"]["vae"] == [ckpt, 2]
+    optimize_id = _id(api, "LatentADOptimize")
+    decoders = {tuple(node["inputs"]["vae"]): node_id for node_id, node in api.items()
+                if node["class_type"] == "VAEDecode"}
+    assert set(decoders) == {(tuned_id, 0), (ckpt, 2)}, "decoded with the fine-tuned and with the original VAE"
+    prefixes = {}
+    for vae, decode_id in decoders.items():
+        assert api[decode_id]["inputs"]["samples"] == [optimize_id, 0]
+        saves = [n for n in api.values() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [decode_id, 0]]
+        assert len(saves) == 1
+        prefixes[vae] = saves[0]["inputs"]["filename_prefix"]
+    assert prefixes == {(tuned_id, 0): "AD/decoder_finetuned", (ckpt, 2): "AD/decoder_original"}
+
+
+@pytest.mark.parametrize("name,phrases", [
+    ("09_sd15_seamless_texture", ("x only", "y only", "VAE Decode (Tiled)", "no seam")),
+    ("10_sd15_large_texture", ("MultiDiffusion", "one window", "larger stride is faster", "iterations 2")),
+    ("11_sd15_label_controlled_texture", ("grey level", "same grey level", "nearest-exact")),
+    ("12_sd15_decoder_finetune", ("epochs 75", "lr 0.0001", "train_vae.py", "THIS reference", "Cost")),
+])
+def test_new_notes_explain_their_knobs(name, phrases):
+    note = _note(name)
+    for phrase in phrases:
+        assert phrase in note, phrase
 
 
 def test_model_files_carry_download_links():

@@ -81,6 +81,9 @@ DEFAULT_SIZES = {
     "CaptureReferenceAttention": (340, 150),
     "LatentADOptimize": (340, 262),
     "ADLossGuidance": (340, 290),
+    "ADSeamlessTiling": (315, 78),
+    "ADTextureWindows": (315, 82),
+    "ADFineTuneVAEDecoder": (340, 178),
 }
 
 
@@ -252,11 +255,16 @@ class Graph:
 Source = tuple  # (node, output slot)
 
 
-def image_latent(g: Graph, x: float, y: float, image: str, vae: Source, size: int, title: str) -> Node:
-    """LoadImage -> ImageScale (size x size, centre crop, like the reference code's resize) -> VAEEncode."""
+def scaled_image(g: Graph, x: float, y: float, image: str, size: int, title: str) -> Node:
+    """LoadImage -> ImageScale (size x size, centre crop, like the reference code's resize)."""
     load = g.add("LoadImage", (x, y), {"image": image}, title=title)
-    scale = g.add("ImageScale", (x + 340, y), {"upscale_method": "lanczos", "width": size, "height": size,
-                                                "crop": "center"}, {"image": load.out(0)})
+    return g.add("ImageScale", (x + 340, y), {"upscale_method": "lanczos", "width": size, "height": size,
+                                               "crop": "center"}, {"image": load.out(0)})
+
+
+def image_latent(g: Graph, x: float, y: float, image: str, vae: Source, size: int, title: str) -> Node:
+    """LoadImage -> ImageScale (size x size, centre crop) -> VAEEncode."""
+    scale = scaled_image(g, x, y, image, size, title)
     return g.add("VAEEncode", (x + 340, y + 170), inputs={"pixels": scale.out(0), "vae": vae})
 
 
@@ -277,9 +285,12 @@ def empty_text(g: Graph, clip: Source, pos: tuple[float, float], title: str) -> 
                  size=(400, 110))
 
 
-def decode_and_save(g: Graph, x: float, y: float, latent: Node, vae: Source, prefix: str) -> Node:
-    decode = g.add("VAEDecode", (x, y), inputs={"samples": latent.out(0), "vae": vae})
-    return g.add("SaveImage", (x, y + 90), {"filename_prefix": prefix}, {"images": decode.out(0)})
+def decode_and_save(g: Graph, x: float, y: float, latent: Node, vae: Source, prefix: str,
+                    titles: tuple[str, str] | None = None) -> Node:
+    decode_title, save_title = titles or (None, None)
+    decode = g.add("VAEDecode", (x, y), inputs={"samples": latent.out(0), "vae": vae}, title=decode_title,
+                   size=(300, 46) if decode_title else None)
+    return g.add("SaveImage", (x, y + 90), {"filename_prefix": prefix}, {"images": decode.out(0)}, title=save_title)
 
 
 COMMON_NOTE = """
@@ -441,7 +452,7 @@ def _t2i(defs, name: str, ckpt_name: str, size: int, style: str, prompt: str, lr
     if controlnet:
         control = image_latent_free_structure(g, 0, 900, size)
         loader = g.add("ControlNetLoader", (380, 1300), {"control_net_name": CONTROLNET})
-        apply = g.add("ControlNetApplyAdvanced", (840, 580), {"strength": 1.0, "start_percent": 0.0,
+        apply = g.add("ControlNetApplyAdvanced", (840, 620), {"strength": 1.0, "start_percent": 0.0,
                                                               "end_percent": 1.0},
                       {"positive": positive.out(0), "negative": null.out(0), "control_net": loader.out(0),
                        "image": control.out(0)})
@@ -523,8 +534,172 @@ Lower the LoRA strengths when the LoRA's look overrides the reference.
 """ + T2I_KNOBS.format(cfg=7.5, iterations=3, layers="SD1.5: 10-15"), lora=True)
 
 
+TEXTURE_OPTIMIZE = {"steps": 300, "lr": 0.05, "iterations": 1, "content_weight": 0.0, "seed": 0,
+                    "gradient_checkpointing": "auto"}
+TEXTURE_KNOBS = """
+Knobs (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
+content_weight 0 (there is no content), layers "paper default" (SD1.5: 10-15).
+Change the seed for another texture from the same reference.
+The null conditioning is CLIP Text Encode with EMPTY text.
+"""
+
+
+def seamless_texture(defs) -> Graph:
+    g = Graph("09_sd15_seamless_texture", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
+    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
+    tiling = g.add("ADSeamlessTiling", (840, 0), {"tiling": "both"}, {"model": ckpt.out(0), "vae": ckpt.out(2)})
+    ref = _capture(g, (840, 190), tiling.out("model"), texture, null)
+    result = g.add("LatentADOptimize", (840, 410), dict(TEXTURE_OPTIMIZE),
+                   {"model": tiling.out("model"), "reference": ref.out(0), "latent": empty.out(0)})
+    decode_and_save(g, 1230, 0, result, tiling.out("vae"), "AD/seamless_texture",
+                    ("VAE Decode (tiled VAE)", None))
+    g.note((1680, 0), """
+SD1.5 seamless texture: a texture that tiles without a visible seam.
+
+AD Seamless Tiling returns copies of the MODEL and the VAE whose convolutions pad around the
+image edges, so whatever leaves one edge continues on the opposite one. Capture Reference
+Attention and Latent AD Optimize use the tiled MODEL, and VAE Decode uses the tiled VAE: place
+the saved image next to copies of itself and no seam shows.
+
+- tiling "both": the texture repeats in every direction. "x only" makes only the left and right
+  edges meet (a horizontal strip, a panorama); "y only" only the top and bottom edges.
+- Decode with plain VAE Decode and the VAE from AD Seamless Tiling. Do NOT use VAE Decode
+  (Tiled): each of its tiles wraps around on itself, which puts seams inside the image. The
+  checkpoint's own VAE does not wrap either and leaves a seam at the edges.
+- The reference is encoded with the checkpoint's VAE; the tiled VAE's encoder is not tiled
+  anyway (the reference photo does not tile).
+- Make the Empty Latent Image larger for a bigger tile.
+""" + TEXTURE_KNOBS + COMMON_NOTE)
+    return g
+
+
+def large_texture(defs) -> Graph:
+    g = Graph("10_sd15_large_texture", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text, also the prompt)")
+    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    empty = g.add("EmptyLatentImage", (0, 580), {"width": 1024, "height": 512, "batch_size": 1})
+    windows = g.add("ADTextureWindows", (380, 720), {"window_size": 512, "stride": 64})
+    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
+    guided = g.add("ADLossGuidance", (840, 220), {"lr": 0.05, "iterations": 2, "adain": False, "start_percent": 0.0,
+                                                  "end_percent": 1.0, "noise_seed": 0},
+                   {"model": ckpt.out(0), "reference": ref.out(0), "windows": windows.out(0)})
+    sampled = g.add("KSampler", (1230, 0), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "ddim",
+                                             "scheduler": "ddim_uniform", "denoise": 1.0},
+                    {"model": guided.out(0), "positive": null.out(0), "negative": null.out(0),
+                     "latent_image": empty.out(0)})
+    decode_and_save(g, 1580, 0, sampled, ckpt.out(2), "AD/large_texture")
+    g.note((2030, 0), """
+SD1.5 texture larger than the reference: AD-guided sampling in overlapping windows.
+
+The output (1024x512 here) is larger than the 512x512 reference. With AD Texture Windows
+connected, AD Loss Guidance updates the latent window by window after every sampler step, like
+the reference code's MultiDiffusion ("panorama") mode: each 512x512 window is compared with the
+whole reference on its own, and the windows are averaged where they overlap.
+
+Memory: only one window is in the UNet during an AD pass, so the memory of an AD pass is that
+of one window however large the texture is (the sampler's own step runs on the whole latent).
+
+Knobs (reference code defaults for MultiDiffusion textures):
+- window_size 512: about the reference's size; SD1.5 works best with 512.
+- stride 64: distance between windows. The cost grows with the number of windows (here 9 per
+  step), so a larger stride is faster; keep it below window_size so that windows overlap.
+- AD Loss Guidance: lr 0.05, iterations 2, AdaIN off.
+- KSampler: the empty prompt on both sides, cfg 1, 50 steps, ddim + ddim_uniform.
+- Empty Latent Image: any size (multiples of 8); a latent no larger than one window is
+  optimized whole.
+With AD Seamless Tiling before Capture and Guidance (and its VAE in VAE Decode) the windows wrap
+around the edges and the large texture tiles as well.
+""" + COMMON_NOTE, size=(460, 470))
+    return g
+
+
+def label_controlled_texture(defs) -> Graph:
+    g = Graph("11_sd15_label_controlled_texture", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
+    empty = g.add("EmptyLatentImage", (0, 200), {"width": 512, "height": 512, "batch_size": 1})
+    texture = image_latent(g, 0, 380, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    ref_labels = label_mask(g, 0, 760, "texture-labels.png", 512, "Reference region labels")
+    layout = label_mask(g, 0, 1140, "texture-layout.png", 512, "Target layout (labels)")
+    ref = _capture(g, (840, 0), ckpt.out(0), texture, null, ref_labels)
+    result = g.add("LatentADOptimize", (840, 220), dict(TEXTURE_OPTIMIZE),
+                   {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0),
+                    "target_mask": layout.out(0)})
+    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/label_controlled_texture")
+    g.note((1680, 0), """
+SD1.5 texture synthesis controlled by label maps (controlled synthesis).
+
+Two label maps, each painted in a few grey levels (black, mid grey, white, ...), one level per
+region: the reference's labels say which part of the texture reference is which, and the
+target layout says where each part goes in the output. Each region of the layout draws only
+from the reference region with the same grey level: paint the reference's moss black and its
+stones white, then paint the layout black where moss should grow and white where stones go.
+
+- Reference region labels -> reference_mask of Capture Reference Attention; crop it like the
+  reference (same Upscale Image settings).
+- Target layout -> target_mask of Latent AD Optimize; it covers the whole output (the Empty
+  Latent Image, 512x512 here: change both sizes together).
+- The red channel is read, so use pure greys; both maps are resized with nearest-exact so grey
+  levels never blend. A layout level that the reference lacks draws from the whole reference.
+""" + TEXTURE_KNOBS + COMMON_NOTE)
+    return g
+
+
+def decoder_finetune(defs) -> Graph:
+    g = Graph("12_sd15_decoder_finetune", defs)
+    ckpt = checkpoint(g, SD15)
+    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
+    scaled = scaled_image(g, 0, 200, "texture-17.jpg", 512, "Texture reference")
+    texture = g.add("VAEEncode", (340, 370), inputs={"pixels": scaled.out(0), "vae": ckpt.out(2)})
+    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
+    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
+    result = g.add("LatentADOptimize", (840, 220), dict(TEXTURE_OPTIMIZE),
+                   {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0)})
+    tuned = g.add("ADFineTuneVAEDecoder", (840, 600), {"epochs": 75, "lr": 0.0001, "tile_size": 512, "seed": 0},
+                  {"vae": ckpt.out(2), "images": scaled.out(0)})
+    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/decoder_original",
+                    ("VAE Decode (original decoder)", "Save Image (original decoder)"))
+    decode_and_save(g, 1230, 600, result, tuned.out(0), "AD/decoder_finetuned",
+                    ("VAE Decode (fine-tuned decoder)", "Save Image (fine-tuned decoder)"))
+    g.note((1680, 0), """
+SD1.5 improved VAE decoding: a decoder fine-tuned on the reference (the paper's improved VAE
+decoding).
+
+The stock VAE decoder loses some of a texture's fine detail. AD Fine-Tune VAE Decoder trains a
+copy of the checkpoint's VAE decoder so that decoding the reference's latent gives the
+reference back (L1 loss, Adam on the decoder only, like the reference code's train_vae.py) and
+returns a VAE with that decoder. The texture from Latent AD Optimize (as in workflow 03) is
+decoded twice, with the fine-tuned decoder (AD/decoder_finetuned) and with the original one
+(AD/decoder_original), so you can compare.
+
+Knobs (reference code defaults):
+- epochs 75: one Adam step per epoch (per tile when the image is larger than tile_size).
+- lr 0.0001: higher learns faster, but the decoder forgets more of how to decode anything else.
+- tile_size 512: the reference is 512x512 here (as in the reference code), one tile; lower it
+  when memory runs out.
+
+Cost: each epoch is a forward and a backward pass of the decoder at the reference's size, and
+training holds a float32 copy of the decoder with its gradients and Adam state (about 0.8 GB)
+plus one tile's activations. ComfyUI keeps the node's result, so changing the seed of Latent AD
+Optimize does not train again.
+
+The fine-tuned VAE is for decoding AD results of THIS reference only: it is tuned to reproduce
+this texture. Fine-tune again for another reference and use the checkpoint's VAE for everything
+else (VAE Encode of the reference here uses the original VAE).
+
+Latent AD Optimize (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
+content_weight 0, layers "paper default" (SD1.5: 10-15). The null conditioning is CLIP Text
+Encode with EMPTY text.
+""" + COMMON_NOTE, size=(460, 470))
+    return g
+
+
 BUILDERS = (style_transfer, appearance_transfer, texture_optimize, texture_sampling, t2i_sd15, t2i_sdxl,
-            controlnet_ad, lora_ad)
+            controlnet_ad, lora_ad, seamless_texture, large_texture, label_controlled_texture, decoder_finetune)
 
 
 def build_all(defs: dict[str, wt.NodeDef]) -> dict[str, dict]:
