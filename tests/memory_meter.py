@@ -27,12 +27,19 @@ class StoragePeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An op either allocates a new storage or returns a view or alias of one of its inputs
+        # (weights seen through `.t()`, `detach()`, ...): only the former is new memory.
+        inputs = {
+            item.untyped_storage().data_ptr()
+            for item in tree_flatten((args, kwargs))[0]
+            if isinstance(item, torch.Tensor) and item.device.type != "meta"
+        }
         for item in tree_flatten(out)[0]:
             if not isinstance(item, torch.Tensor) or item.device.type == "meta":
                 continue
             storage = item.untyped_storage()
             key = (storage.data_ptr(), id(storage))
-            if key in self.live:
+            if key in self.live or storage.data_ptr() in inputs:
                 continue
             self.live[key] = storage.nbytes()
             self.current += storage.nbytes()
