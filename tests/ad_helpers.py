@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+from types import SimpleNamespace
+
 import torch
+
+
+def pack_modules(**names: str) -> SimpleNamespace:
+    """The pack's modules by short name, e.g. pack_modules(windows="guidance.windows"), imported the
+    way ComfyUI loads the pack (call after the `pack` fixture has loaded it)."""
+    return SimpleNamespace(**{k: importlib.import_module(f"attention_distillation_pack.{v}") for k, v in names.items()})
 
 
 def capture(patcher, reference: torch.Tensor, cond, layers: str = "paper default", **kwargs):

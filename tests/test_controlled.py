@@ -3,23 +3,16 @@ draws only from the reference region with its label, at every distilled layer's 
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import tiny_models as tm
 import torch
-from ad_helpers import capture
+from ad_helpers import capture, pack_modules
 
 
 @pytest.fixture(scope="module")
 def mods(pack):
-    names = {
-        "session": "attention_distillation_pack.attention.session",
-        "autograd": "attention_distillation_pack.guidance.autograd",
-        "optimize": "attention_distillation_pack.guidance.optimize",
-        "losses": "attention_distillation_pack.guidance.losses",
-    }
-    return type("Mods", (), {k: importlib.import_module(v) for k, v in names.items()})
+    return pack_modules(session="attention.session", autograd="guidance.autograd", optimize="guidance.optimize",
+                        losses="guidance.losses")
 
 
 def _layout() -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import tiny_models as tm
-from ad_helpers import capture, optimize
+from ad_helpers import capture, optimize, pack_modules
 from executor_models import random_state
 
 H, W = 8, 12  # latent size of the UNet checks: non-square, so that axis mix-ups show
@@ -23,17 +23,8 @@ SHIFTS = {"x": (0, UNET_STRIDE * 2), "y": (UNET_STRIDE, 0), "xy": (UNET_STRIDE, 
 
 @pytest.fixture(scope="module")
 def mods(pack):
-    import importlib
-
-    names = {
-        "tiling": "attention_distillation_pack.attention.tiling",
-        "node": "attention_distillation_pack.nodes.tiling",
-        "errors": "attention_distillation_pack.nodes.errors",
-        "session": "attention_distillation_pack.attention.session",
-        "guidance": "attention_distillation_pack.nodes.guidance",
-        "windows": "attention_distillation_pack.guidance.windows",
-    }
-    return SimpleNamespace(**{k: importlib.import_module(v) for k, v in names.items()})
+    return pack_modules(tiling="attention.tiling", node="nodes.tiling", errors="nodes.errors",
+                        session="attention.session", guidance="nodes.guidance", windows="guidance.windows")
 
 
 def build_vae(seed: int = 0):

@@ -8,39 +8,20 @@ memory of a 4x larger latent stays that of one window.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import tiny_models as tm
 import torch
-from ad_helpers import capture, optimize
+from ad_helpers import capture, optimize, pack_modules
 from memory_meter import StoragePeak
 
 REF = 8  # reference latent side (the tiny UNet halves once, so sides are even)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def mods(pack):
-    names = {
-        "windows": "attention_distillation_pack.guidance.windows",
-        "guided": "attention_distillation_pack.guidance.guided",
-        "optimize": "attention_distillation_pack.guidance.optimize",
-        "autograd": "attention_distillation_pack.guidance.autograd",
-        "session": "attention_distillation_pack.attention.session",
-        "node": "attention_distillation_pack.nodes.windows",
-        "guidance_node": "attention_distillation_pack.nodes.guidance",
-        "optimize_node": "attention_distillation_pack.nodes.optimize",
-        "errors": "attention_distillation_pack.nodes.errors",
-    }
-    return type("Mods", (), {k: importlib.import_module(v) for k, v in names.items()})
+    return pack_modules(windows="guidance.windows", guided="guidance.guided", optimize="guidance.optimize",
+                        autograd="guidance.autograd", session="attention.session", node="nodes.windows",
+                        guidance_node="nodes.guidance", optimize_node="nodes.optimize", errors="nodes.errors")
 
 
 @pytest.fixture(scope="module")
