@@ -100,12 +100,14 @@ def optimize_latent(
     target_labels: torch.Tensor | None = None,
     on_iteration: Callable[[IterationReport], None] | None = None,
     windows: list[Window] | None = None,
+    before_window: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run the reference code's `optimize` loop on `init` (model space); returns model space.
 
     With `windows` (more than one), every iteration back-propagates the AD loss of each window
     on its own, averages the gradients where windows overlap and takes one Adam step: the
-    memory of a pass is the window's, whatever the latent's size.
+    memory of a pass is the window's, whatever the latent's size. `before_window` runs before
+    each window's pass (Cancel: an iteration over many windows can take long).
 
     Must run inside `autograd_through(diffusion_model)`.
     """
@@ -129,6 +131,8 @@ def optimize_latent(
             optimizer.zero_grad(set_to_none=True)
             finite, ad, cl = True, 0.0, 0.0
             for part, part_q, part_masks in zip(parts, content_q, masks, strict=True):
+                if part is not None and before_window is not None:
+                    before_window()
                 loss, part_ad, part_cl = ad_objective(
                     session, _crop(x, part), timestep, refs, part_q, settings.content_weight, part_masks
                 )

@@ -143,7 +143,8 @@ class LatentADOptimize:
                 content_unet = session.to_model_space(content_samples) if content_samples is not None else None
                 settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
                 result = optimize_latent(session, init, settings, content=content_unet,
-                                         target_labels=labels, on_iteration=on_iteration, windows=plan)
+                                         target_labels=labels, on_iteration=on_iteration, windows=plan,
+                                         before_window=check_interrupt)
                 out = session.to_latent_space(result).to(samples.device, samples.dtype)
             output = {k: v for k, v in latent.items() if k != "noise_mask"}
             output["samples"] = out

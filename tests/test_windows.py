@@ -194,3 +194,33 @@ def test_guidance_memory_is_bounded_by_the_window(mods, sd15, reference):
     windowed = _peak(lambda: _guidance_update(mods, sd15, reference, large, plan))
     print(f"guidance peak: window {small / 2**20:.2f} MiB, 4x latent windowed {windowed / 2**20:.2f} MiB")
     assert windowed <= 1.3 * small
+
+
+def test_cancel_is_checked_before_every_window(mods, sd15, reference, monkeypatch):
+    """An iteration over many windows can take long: Cancel stops it between windows, leaves the
+    model as it was, and the next run equals a fresh one."""
+    import comfy.model_management as mm
+
+    passes = []
+    real = mods.optimize.ad_objective
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        if len(passes) == 3:
+            mm.interrupt_current_processing(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mods.optimize, "ad_objective", counting)
+    start = torch.randn(1, 4, 2 * REF, 2 * REF, generator=torch.Generator().manual_seed(9))
+    plan = windows_node(mods, REF * 8, REF * 4)  # 3 x 3 windows per iteration
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            optimize(sd15, reference, start, steps=2, windows=plan)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(passes) == 3, "stopped before the fourth window of the first iteration"
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    assert all(p.is_inference() for p in sd15.model.diffusion_model.parameters())
+    monkeypatch.setattr(mods.optimize, "ad_objective", real)
+    assert torch.equal(optimize(sd15, reference, start, steps=1, windows=plan),
+                       optimize(sd15, reference, start, steps=1, windows=plan))
