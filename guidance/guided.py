@@ -372,11 +372,15 @@ class ADGuidanceHook:
         high, low = sigma_range(model_sampling, self.start_percent, self.end_percent)
         return low <= sigma <= high
 
-    def _session(self, model: Any, patcher: Any, latent: torch.Tensor) -> ADModelSession:
+    def _patcher(self, model: Any, patcher: Any, latent: torch.Tensor) -> Any:
+        """The ModelPatcher that runs `model`: the sampler's, else this hook's clone, else a stand-in."""
         if patcher is None or getattr(patcher, "model", None) is not model:
             patcher = self.fallback_patcher
         if patcher is None or getattr(patcher, "model", None) is not model:
             patcher = SimpleNamespace(model=model, load_device=latent.device, patches_uuid=None)
+        return patcher
+
+    def _session(self, patcher: Any, latent: torch.Tensor) -> ADModelSession:
         checkpoint = bool(self.checkpointing(patcher, tuple(latent.shape))) if self.checkpointing is not None else False
         return ADModelSession(patcher, self.reference, device=latent.device, gradient_checkpointing=checkpoint)
 
@@ -384,7 +388,7 @@ class ADGuidanceHook:
         """Windows for a latent of `shape` (wrapping on the patcher's seamless-tiling axes), or None."""
         if self.windows is None:
             return None
-        wrap_x, wrap_y = wrap_axes(patcher if patcher is not None else self.fallback_patcher)
+        wrap_x, wrap_y = wrap_axes(patcher)
         return plan_windows(shape[-2], shape[-1], self.windows, wrap_y=wrap_y, wrap_x=wrap_x)
 
     def _check_batch(self, batch: int, content: torch.Tensor | None, latent: torch.Tensor) -> None:
@@ -439,8 +443,9 @@ class ADGuidanceHook:
         x = args["input"]
         noise_step = noise_step_key(feature_timestep(model.model_sampling, sigma_next)[0])
         with autograd_through(model.diffusion_model):
+            patcher = self._patcher(model, patcher, x)
             windows = self.plan(tuple(x.shape), patcher)
-            session = self._session(model, patcher, x if not windows else windows[0].crop(x))
+            session = self._session(patcher, x if not windows else windows[0].crop(x))
             x_k = x.detach().clone().to(latent_dtype(x))
             d_k = denoised.detach().clone().to(x_k.dtype)
             x_next = deterministic_step(x_k, d_k, sigma, sigma_next)
