@@ -12,9 +12,10 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
+
+from .windows import Window
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,6 @@ class TilePlan:
 
     tile: int = 0
     seed: int = 0
-
-
-class Crop(NamedTuple):
-    """A latent window: top, left, height, width in latent cells."""
-
-    top: int
-    left: int
-    height: int
-    width: int
 
 
 @dataclass(frozen=True)
@@ -57,32 +49,31 @@ def axis_starts(length: int, tile: int, offset: int) -> list[int]:
     return [min(max(i * tile - offset, 0), last) for i in range(count)]
 
 
-def epoch_crops(height: int, width: int, plan: TilePlan, generator: torch.Generator) -> list[Crop]:
+def epoch_crops(height: int, width: int, plan: TilePlan, generator: torch.Generator) -> list[Window]:
     """The tiles of one epoch, in seeded order: together they cover the whole latent.
 
     Where the tiles must overlap, a seeded offset moves the overlap (and the seams) each epoch."""
     tile = plan.tile
     rows, cols = tiles_along(height, tile), tiles_along(width, tile)
     if rows == cols == 1:
-        return [Crop(0, 0, height, width)]
+        return [Window(0, 0, height, width, height, width)]
     slack = (rows * tile - height if rows > 1 else 0, cols * tile - width if cols > 1 else 0)
     offsets = [int(torch.randint(0, extra + 1, (1,), generator=generator)) for extra in slack]
     tops = axis_starts(height, tile, offsets[0])
     lefts = axis_starts(width, tile, offsets[1])
-    crops = [Crop(r, c, min(tile, height), min(tile, width)) for r in tops for c in lefts]
+    crops = [Window(r, c, min(tile, height), min(tile, width), height, width) for r in tops for c in lefts]
     order = torch.randperm(len(crops), generator=generator).tolist()
     return [crops[i] for i in order]
 
 
-def pixel_scale(latents: torch.Tensor, targets: torch.Tensor) -> int:
-    """Pixels per latent cell; both sides must agree on a whole number."""
+def check_whole_multiple(latents: torch.Tensor, targets: torch.Tensor) -> None:
+    """Targets must be the latents' pixels: same batch, a whole number of pixels per latent cell."""
     if latents.ndim != 4 or targets.ndim != 4 or latents.shape[0] != targets.shape[0]:
         raise ValueError(f"latents {tuple(latents.shape)} and targets {tuple(targets.shape)} must be "
                          "(B, C, h, w) and (B, 3, H, W) with the same batch")
     scale = targets.shape[-1] // latents.shape[-1]
     if scale < 1 or targets.shape[-1] != latents.shape[-1] * scale or targets.shape[-2] != latents.shape[-2] * scale:
         raise ValueError(f"targets {tuple(targets.shape)} are not a whole multiple of latents {tuple(latents.shape)}")
-    return scale
 
 
 def _check_trainable(params: list[torch.nn.Parameter]) -> None:
@@ -96,20 +87,16 @@ def _tile_loss(
     decode: Callable[[torch.Tensor], torch.Tensor],
     latents: torch.Tensor,
     targets: torch.Tensor,
-    crop: Crop,
-    scale: int,
+    crop: Window,
     device: torch.device,
 ) -> float:
     """Backward of the batch's mean L1 on one crop, one image at a time (gradients accumulate)."""
-    rows = slice(crop.top, crop.top + crop.height)
-    cols = slice(crop.left, crop.left + crop.width)
-    pixel_rows = slice(crop.top * scale, (crop.top + crop.height) * scale)
-    pixel_cols = slice(crop.left * scale, (crop.left + crop.width) * scale)
+    pixels = crop.scaled(*targets.shape[-2:])
     batch = latents.shape[0]
     total = 0.0
     for b in range(batch):
-        z = latents[b:b + 1, :, rows, cols].to(device)
-        target = targets[b:b + 1, :, pixel_rows, pixel_cols].to(device)
+        z = crop.crop(latents[b:b + 1]).to(device)
+        target = pixels.crop(targets[b:b + 1]).to(device)
         loss = torch.nn.functional.l1_loss(decode(z).float(), target) / batch
         loss.backward()
         total += float(loss.detach())
@@ -137,7 +124,7 @@ def finetune_decoder(
     _check_trainable(params)
     if not math.isfinite(lr) or lr < 0:
         raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-    scale = pixel_scale(latents, targets)
+    check_whole_multiple(latents, targets)
     device = params[0].device
     generator = torch.Generator().manual_seed(int(plan.seed))
     history: list[float] = []
@@ -150,7 +137,7 @@ def finetune_decoder(
             losses = []
             for step, crop in enumerate(crops):
                 optimizer.zero_grad(set_to_none=True)
-                loss = _tile_loss(decode, latents, targets, crop, scale, device)
+                loss = _tile_loss(decode, latents, targets, crop, device)
                 optimizer.step()
                 losses.append(loss)
                 if on_step is not None:

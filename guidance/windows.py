@@ -46,12 +46,17 @@ class Window:
     def wraps(self) -> bool:
         return self.top + self.height > self.rows or self.left + self.width > self.cols
 
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column indices of a window that wraps."""
+        rows = (torch.arange(self.height, device=device) + self.top) % self.rows
+        cols = (torch.arange(self.width, device=device) + self.left) % self.cols
+        return rows, cols
+
     def crop(self, tensor: torch.Tensor) -> torch.Tensor:
         """The window of the last two dims of `tensor` (a view unless it wraps)."""
         if not self.wraps:
             return tensor[..., self.top : self.top + self.height, self.left : self.left + self.width]
-        rows = (torch.arange(self.height, device=tensor.device) + self.top) % self.rows
-        cols = (torch.arange(self.width, device=tensor.device) + self.left) % self.cols
+        rows, cols = self._indices(tensor.device)
         return tensor.index_select(-2, rows).index_select(-1, cols)
 
     def scaled(self, rows: int, cols: int) -> Window:
@@ -75,8 +80,7 @@ class Window:
         if not self.wraps:
             total[..., self.top : self.top + self.height, self.left : self.left + self.width] += value
             return
-        rows = (torch.arange(self.height, device=total.device) + self.top) % self.rows
-        cols = (torch.arange(self.width, device=total.device) + self.left) % self.cols
+        rows, cols = self._indices(total.device)
         total[..., rows[:, None], cols[None, :]] += value  # indices are unique within a window
 
 
