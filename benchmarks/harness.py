@@ -100,12 +100,9 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 1) ->
 def tensor_peak(fn: Callable[[], object]) -> int:
     """Peak bytes of tensor storage that `fn` allocated and held at once (exact on the CPU, where the
     resident-set peak of one process is not comparable between calls: freed heap is reused)."""
-    from memory_meter import StoragePeak
+    from memory_meter import peak_bytes
 
-    meter = StoragePeak()
-    with meter:
-        fn()
-    return meter.peak
+    return peak_bytes(fn)
 
 
 def mib(n: int) -> str:

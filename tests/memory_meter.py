@@ -9,6 +9,7 @@ Tensors that existed before (weights, inputs) are not counted.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -46,3 +47,11 @@ class StoragePeak(TorchDispatchMode):
             self.peak = max(self.peak, self.current)
             weakref.finalize(storage, self._freed, key)
         return out
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensor storage that `fn` allocated and held at once."""
+    meter = StoragePeak()
+    with meter:
+        fn()
+    return meter.peak

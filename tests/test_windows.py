@@ -12,7 +12,7 @@ import pytest
 import tiny_models as tm
 import torch
 from ad_helpers import capture, optimize, pack_modules
-from memory_meter import StoragePeak
+from memory_meter import peak_bytes
 
 REF = 8  # reference latent side (the tiny UNet halves once, so sides are even)
 
@@ -164,20 +164,13 @@ def test_windowed_texture_lowers_every_window_loss(mods, sd15, reference):
 # -- memory -----------------------------------------------------------------------------------------
 
 
-def _peak(fn) -> int:
-    meter = StoragePeak()
-    with meter:
-        fn()
-    return meter.peak
-
-
 def test_a_4x_larger_latent_needs_the_memory_of_one_window(mods, sd15, reference):
     side = REF
     window = windows_node(mods, side * 8, side * 8)
-    small = _peak(lambda: optimize(sd15, reference, torch.zeros(1, 4, side, side), steps=1, weight=0.0))
+    small = peak_bytes(lambda: optimize(sd15, reference, torch.zeros(1, 4, side, side), steps=1, weight=0.0))
     large = torch.zeros(1, 4, 4 * side, 4 * side)
-    windowed = _peak(lambda: optimize(sd15, reference, large, steps=1, weight=0.0, windows=window))
-    whole = _peak(lambda: optimize(sd15, reference, large, steps=1, weight=0.0))
+    windowed = peak_bytes(lambda: optimize(sd15, reference, large, steps=1, weight=0.0, windows=window))
+    whole = peak_bytes(lambda: optimize(sd15, reference, large, steps=1, weight=0.0))
     print(f"peak tensor memory: window-sized run {small / 2**20:.2f} MiB, 4x latent windowed "
           f"{windowed / 2**20:.2f} MiB ({windowed / small:.2f}x), unwindowed {whole / 2**20:.2f} MiB ({whole / small:.2f}x)")
     assert whole > 4 * small, "the meter sees activation memory grow with the latent"
@@ -189,9 +182,9 @@ def test_guidance_memory_is_bounded_by_the_window(mods, sd15, reference):
     side = REF
     settings = w.WindowSettings(size=side, stride=side)
     large = 2.0 * torch.randn(1, 4, 4 * side, 4 * side, generator=torch.Generator().manual_seed(8))
-    small = _peak(lambda: _guidance_update(mods, sd15, reference, large[..., :side, :side].contiguous(), None))
+    small = peak_bytes(lambda: _guidance_update(mods, sd15, reference, large[..., :side, :side].contiguous(), None))
     plan = w.plan_windows(4 * side, 4 * side, settings)
-    windowed = _peak(lambda: _guidance_update(mods, sd15, reference, large, plan))
+    windowed = peak_bytes(lambda: _guidance_update(mods, sd15, reference, large, plan))
     print(f"guidance peak: window {small / 2**20:.2f} MiB, 4x latent windowed {windowed / 2**20:.2f} MiB")
     assert windowed <= 1.3 * small
 
