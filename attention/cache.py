@@ -98,10 +98,5 @@ class FeatureCache:
             self.not_stored += 1
         return value
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.sizes.clear()
-        self.last_run.clear()
-
     def __len__(self) -> int:
         return len(self.entries)

@@ -104,7 +104,7 @@ def checkpointed_forward(
         else:
             h, *features = _CheckpointedBlock.apply(run, h)
             for i, key in enumerate(keys):
-                main_records[key] = LayerRecord(q=features[2 * i], k=None, v=None, out=features[2 * i + 1], hw=hw[key])
+                main_records[key] = LayerRecord(q=features[2 * i], out=features[2 * i + 1], hw=hw[key])
         transformer_index += _count_transformers(block)
         if name == "input":
             skips.append(h)

@@ -17,13 +17,17 @@ class StopForward(Exception):
 
 @dataclass
 class LayerRecord:
-    """Features of one layer, heads split: tensors are (B, heads, N, dim_head)."""
+    """Features of one layer, heads split: tensors are (B, heads, N, dim_head).
+
+    k and v are None where the pass did not keep them: a checkpointed differentiated pass
+    returns only what the losses read of the latent being optimized (q and out).
+    """
 
     q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
     out: torch.Tensor
     hw: tuple[int, int]
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 def token_grid(original_shape: list[int] | tuple[int, ...], tokens: int) -> tuple[int, int]:

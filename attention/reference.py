@@ -20,7 +20,3 @@ class ADReference:
     labels: torch.Tensor | None = None
     attn_scale: float = 1.0
     cache: FeatureCache = field(default_factory=FeatureCache)
-
-    @property
-    def count(self) -> int:
-        return int(self.latents.shape[0])

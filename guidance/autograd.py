@@ -16,11 +16,6 @@ import torch
 _INPLACE_GUARD_NEEDED: dict[type, bool] = {}
 
 
-def normal_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A non-inference copy of `t`; call outside inference mode."""
-    return t.detach().clone()
-
-
 def _alias(t: torch.Tensor) -> torch.Tensor:
     alias = torch.empty(0, dtype=t.dtype, device=t.device)
     return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())

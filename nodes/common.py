@@ -6,6 +6,7 @@ from typing import Any
 
 CATEGORY = "Attention Distillation"
 AD_REFERENCE = "AD_REFERENCE"
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # the largest seed ComfyUI's own seed inputs take
 
 
 def load_for_ad(patcher: Any, latent_shape: tuple[int, ...]) -> None:

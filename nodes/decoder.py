@@ -11,12 +11,11 @@ from typing import Any
 import torch
 
 from ..guidance.decoder_tuning import StepReport, TilePlan, clone_module, finetune_decoder
-from .common import CATEGORY, check_interrupt
+from .common import CATEGORY, MAX_SEED, check_interrupt
 from .errors import reported_as, require
 from .inputs import finite_number, whole_number
 
 NODE = "AD Fine-Tune VAE Decoder"
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_TILE = 16384
 TRAINED = "decoder"
 # Children of the first stage model that decoding never runs: left out of the training copy.

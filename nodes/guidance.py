@@ -17,6 +17,7 @@ from .common import (
     CATEGORY,
     CHECKPOINTING_CHOICES,
     CHECKPOINTING_INPUT,
+    MAX_SEED,
     check_interrupt,
     use_checkpointing,
 )
@@ -25,7 +26,6 @@ from .windows import AD_WINDOWS, window_settings
 from .inputs import finite_number, latent_samples, mask_batch, whole_number
 
 NODE = "AD Loss Guidance"
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_ITERATIONS = 50
 log = logging.getLogger(__name__)
 

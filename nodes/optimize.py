@@ -18,6 +18,7 @@ from .common import (
     CATEGORY,
     CHECKPOINTING_CHOICES,
     CHECKPOINTING_INPUT,
+    MAX_SEED,
     check_interrupt,
     load_for_ad,
     use_checkpointing,
@@ -27,7 +28,6 @@ from .inputs import finite_number, latent_samples, mask_batch, whole_number
 from .windows import AD_WINDOWS, window_settings
 
 NODE = "Latent AD Optimize"
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 log = logging.getLogger(__name__)
 
 
