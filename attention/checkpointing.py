@@ -1,4 +1,4 @@
-"""Gradient checkpointing for the differentiated AD pass.
+"""Gradient checkpointing for the differentiated AD pass through an SD UNet.
 
 The UNet is run block by block (the same sequence of input, middle and output blocks as
 ComfyUI's forward). Each block before the one holding the last selected layer runs without
@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .recorder import AttentionRecorder, LayerRecord, StopForward
+from .sd_unet import count_transformers, unet_segments
 
 
 class _CheckpointedBlock(torch.autograd.Function):
@@ -36,17 +37,6 @@ class _CheckpointedBlock(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return None, h.grad
-
-
-def _segments(diffusion_model) -> list[tuple[str, int, torch.nn.Module]]:
-    segments = [("input", i, m) for i, m in enumerate(diffusion_model.input_blocks)]
-    if getattr(diffusion_model, "middle_block", None) is not None:
-        segments.append(("middle", 0, diffusion_model.middle_block))
-    return segments + [("output", i, m) for i, m in enumerate(diffusion_model.output_blocks)]
-
-
-def _count_transformers(block: torch.nn.Module) -> int:
-    return sum(1 for m in block if hasattr(m, "transformer_blocks"))
 
 
 def checkpointed_forward(
@@ -73,7 +63,7 @@ def checkpointed_forward(
     last_block = recorder.last_key[:2]
     main_records = recorder.records
     h, skips, transformer_index = x, [], 0
-    for name, block_id, block in _segments(diffusion_model):
+    for name, block_id, block in unet_segments(diffusion_model):
         if name == "output":
             h = torch.cat([h, skips.pop()], dim=1)
         output_shape = skips[-1].shape if (name == "output" and skips) else None
@@ -105,7 +95,7 @@ def checkpointed_forward(
             h, *features = _CheckpointedBlock.apply(run, h)
             for i, key in enumerate(keys):
                 main_records[key] = LayerRecord(q=features[2 * i], out=features[2 * i + 1], hw=hw[key])
-        transformer_index += _count_transformers(block)
+        transformer_index += count_transformers(block)
         if name == "input":
             skips.append(h)
     raise RuntimeError("the last AD layer never ran")

@@ -1,14 +1,13 @@
-"""The attn1 replace patch that records q/k/v/out of the selected layers during an AD pass."""
+"""The attn1 replace patch that records q/k/v/out of the selected SD UNet layers during an AD pass."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .layers import SelfAttentionLayer
+from .sd_unet import SelfAttentionLayer, token_grid
 
 
 class StopForward(Exception):
@@ -28,18 +27,6 @@ class LayerRecord:
     hw: tuple[int, int]
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
-
-
-def token_grid(original_shape: list[int] | tuple[int, ...], tokens: int) -> tuple[int, int]:
-    """(h, w) of a layer with `tokens` tokens: each downsample halves with ceil, so search k."""
-    height, width = int(original_shape[-2]), int(original_shape[-1])
-    for k in range(16):
-        h, w = math.ceil(height / 2**k), math.ceil(width / 2**k)
-        if h * w == tokens:
-            return h, w
-        if h * w < tokens:
-            break
-    raise ValueError(f"cannot place {tokens} tokens on a {height}x{width} latent")
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -3,16 +3,16 @@ differentiated pass of the latent being optimized."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from .cache import ReferenceKV, tensor_digest
-from .layers import SelfAttentionLayer, select_layers
+from .families import family_of
+from .family import AttentionLayer, latent_dtype
+from .layers import select_layers
 from .recorder import LayerRecord
 from .reference import ADReference
-from .unet_pass import UNetFeaturePass, check_sd_unet, conditioning_kwargs, latent_dtype
 
 
 def object_patch_identity(patcher: Any) -> tuple:
@@ -35,12 +35,12 @@ class ADModelSession:
         gradient_checkpointing: bool = False,
     ) -> None:
         base = patcher.model
-        check_sd_unet(base)
+        self.family = family_of(base)
         self.base_model = base
         self.reference = reference
         self.device = device if device is not None else patcher.load_device
-        self.layers: list[SelfAttentionLayer] = select_layers(base.diffusion_model, reference.layer_spec)
-        self.unet_pass = UNetFeaturePass(base, self.layers, checkpoint=gradient_checkpointing)
+        self.layers: list[AttentionLayer] = select_layers(base.diffusion_model, reference.layer_spec)
+        self.unet_pass = self.family.feature_pass(base, self.layers, checkpoint=gradient_checkpointing)
         self.model_key = (
             id(base),
             getattr(patcher, "patches_uuid", None),
@@ -52,7 +52,7 @@ class ADModelSession:
 
     # -- inputs -----------------------------------------------------------------
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
-        """ComfyUI LATENT (raw VAE) → the scaled latent the UNet works on (DESIGN §2.1)."""
+        """ComfyUI LATENT (raw VAE) → the scaled latent the network works on (docs/DESIGN.md §2.1)."""
         return self.base_model.process_latent_in(latent.detach().clone().to(self.device, latent_dtype(latent)))
 
     def to_latent_space(self, latent: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ class ADModelSession:
     def null_cond(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
         key = (tuple(latent.shape), latent.device)
         if key not in self._cond_cache:
-            self._cond_cache[key] = conditioning_kwargs(
+            self._cond_cache[key] = self.family.conditioning(
                 self.base_model, self.reference.conditioning, latent.detach().clone(), self.device
             )
         return self._cond_cache[key]
@@ -76,7 +76,7 @@ class ADModelSession:
     def reference_kv(self, timestep: float, noise: torch.Tensor | None = None, sigma: float = 0.0) -> list[ReferenceKV]:
         """Keys/values of the references at `timestep`, concatenated along tokens.
 
-        With `noise`, the reference is noised to `sigma` in VP form: (ref + σ·ε)/√(σ²+1).
+        With `noise`, the reference is noised to `sigma` the family's way (SD: VP form).
         Cached per (model weights, layers, timestep, noise content, σ).
         """
         noise_key = (tensor_digest(noise), round(float(sigma), 7)) if noise is not None else None
@@ -85,7 +85,7 @@ class ADModelSession:
         def compute() -> list[ReferenceKV]:
             ref = self.reference_latent
             if noise is not None:
-                ref = (ref + sigma * noise.to(ref)) / math.sqrt(sigma * sigma + 1.0)
+                ref = self.family.noised(ref, noise, sigma)
             with torch.no_grad():
                 records = self.unet_pass.run(ref, timestep, self.null_cond(ref))
             out = []
@@ -98,13 +98,13 @@ class ADModelSession:
 
         return self.reference.cache.get_or_compute(key, compute, self.device)
 
-    def queries(self, unet_input: torch.Tensor, timestep: float, cache_key: Any = None) -> list[torch.Tensor]:
+    def queries(self, model_input: torch.Tensor, timestep: float, cache_key: Any = None) -> list[torch.Tensor]:
         """Queries of a latent (no gradient): the content-loss target. With `cache_key` (which
         must identify the latent) they are cached like the reference's keys/values."""
 
         def compute() -> list[torch.Tensor]:
             with torch.no_grad():
-                records = self.unet_pass.run(unet_input, timestep, self.null_cond(unet_input))
+                records = self.unet_pass.run(model_input, timestep, self.null_cond(model_input))
             return [rec.q.detach() for rec in records]
 
         if cache_key is None:
@@ -112,6 +112,6 @@ class ADModelSession:
         key = (self.model_key, float(timestep), "content-queries", cache_key)
         return self.reference.cache.get_or_compute(key, compute, self.device)
 
-    def features(self, unet_input: torch.Tensor, timestep: float) -> list[LayerRecord]:
-        """Differentiable features of the latent being optimized."""
-        return self.unet_pass.run(unet_input, timestep, self.null_cond(unet_input))
+    def features(self, model_input: torch.Tensor, timestep: float) -> list[LayerRecord]:
+        """Differentiable features of the latent being optimized (a model input of the family)."""
+        return self.unet_pass.run(model_input, timestep, self.null_cond(model_input))

@@ -1,4 +1,4 @@
-"""One AD forward through a ComfyUI UNet: the exact input the reference code feeds it."""
+"""One AD forward through a ComfyUI SD UNet: the exact input the reference code feeds it."""
 
 from __future__ import annotations
 
@@ -6,48 +6,10 @@ from typing import Any
 
 import torch
 
-from .layers import SelfAttentionLayer
 from .checkpointing import checkpointed_forward
+from .family import UnsupportedModelError, backward_capable_attention, compute_dtype
 from .recorder import AttentionRecorder, LayerRecord, StopForward
-
-
-class UnsupportedModelError(ValueError):
-    """The MODEL is not an SD-family UNet this pack can read."""
-
-
-def check_sd_unet(base_model: Any) -> None:
-    """Raise `UnsupportedModelError` unless `base_model` is an SD1.x/2.x/SDXL-style UNet."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    diffusion_model = getattr(base_model, "diffusion_model", None)
-    name = type(base_model).__name__
-    if diffusion_model is None or type(diffusion_model) is not UNetModel:
-        kind = type(diffusion_model).__name__ if diffusion_model is not None else "no diffusion model"
-        raise UnsupportedModelError(
-            f"the MODEL is {name} ({kind}); Attention Distillation needs an SD1.x, SD2.x or SDXL UNet checkpoint"
-        )
-    channels = int(getattr(base_model.latent_format, "latent_channels", 4))
-    if int(diffusion_model.in_channels) != channels:
-        raise UnsupportedModelError(
-            f"the UNet takes {diffusion_model.in_channels} input channels but its latents have {channels} "
-            "(inpainting or instruct-pix2pix model); use the base checkpoint"
-        )
-
-
-def latent_channels(base_model: Any) -> int:
-    return int(getattr(base_model.latent_format, "latent_channels", 4))
-
-
-def latent_dtype(latent: torch.Tensor) -> torch.dtype:
-    """Latents, losses and Adam stay in float32 at least, whatever the UNet computes in."""
-    return torch.promote_types(latent.dtype, torch.float32)
-
-
-def unet_dtype(base_model: Any) -> torch.dtype:
-    """The dtype ComfyUI computes the UNet in (manual cast where the weights are stored lower)."""
-    dtype = base_model.get_dtype()
-    manual = getattr(base_model, "manual_cast_dtype", None)
-    return manual if manual is not None else dtype
+from .sd_unet import SelfAttentionLayer
 
 
 def conditioning_kwargs(base_model: Any, conditioning: list, latent: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -78,15 +40,6 @@ def conditioning_kwargs(base_model: Any, conditioning: list, latent: torch.Tenso
     return {"context": out.pop("c_crossattn"), **{k: v for k, v in out.items() if k == "y"}}
 
 
-def _backward_capable_attention(func, *args, **kwargs):
-    """`optimized_attention_override` for AD passes: SDPA, which every backend can differentiate
-    (sage/flash kernels cannot)."""
-    import comfy.ldm.modules.attention as attention
-
-    sdpa = getattr(attention, "attention_pytorch", None)
-    return (sdpa or func)(*args, **kwargs)
-
-
 class UNetFeaturePass:
     """Runs the diffusion model on (UNet input, timestep) with a recorder on the AD layers."""
 
@@ -98,7 +51,7 @@ class UNetFeaturePass:
         self.layers = list(layers)
         self.stop_early = stop_early
         self.checkpoint = checkpoint
-        self.dtype = unet_dtype(base_model)
+        self.dtype = compute_dtype(base_model)
 
     def run(self, unet_input: torch.Tensor, timestep: float, cond: dict[str, torch.Tensor]) -> list[LayerRecord]:
         """Features of the AD layers for `unet_input` at integer-valued `timestep`.
@@ -107,7 +60,7 @@ class UNetFeaturePass:
         """
         recorder = AttentionRecorder(self.layers, stop_early=self.stop_early)
         options = recorder.transformer_options()
-        options["optimized_attention_override"] = _backward_capable_attention
+        options["optimized_attention_override"] = backward_capable_attention
         batch = unet_input.shape[0]
         timesteps = torch.full((batch,), float(timestep), device=unet_input.device, dtype=torch.float32)
         kwargs = {}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-_INPLACE_GUARD_NEEDED: dict[type, bool] = {}
+from ..attention.families import family_for
 
 
 def _alias(t: torch.Tensor) -> torch.Tensor:
@@ -63,39 +63,10 @@ def clone_saved_tensors() -> Iterator[None]:
         yield
 
 
-def _probe_inplace_guard(block: torch.nn.Module, context_dim: int | None, dim: int) -> bool:
-    """True when a backward through `block` breaks on an in-place residual add."""
-    device = next(block.parameters()).device
-    dtype = next(block.parameters()).dtype
-    leaf = torch.randn(1, 2, dim, device=device, dtype=dtype, requires_grad=True)
-    x = leaf * 1  # a non-leaf, like every activation inside the UNet
-    context = torch.randn(1, 1, context_dim or dim, device=device, dtype=dtype)
-    try:
-        out = block(x, context=context, transformer_options={})
-        out.float().sum().backward()
-    except RuntimeError as error:
-        if "inplace" in str(error):
-            return True
-        raise
-    return False
-
-
 def needs_inplace_guard(diffusion_model: torch.nn.Module) -> bool:
-    """Probe one transformer block of this host once (per block class)."""
-    for module in diffusion_model.modules():
-        blocks = getattr(module, "transformer_blocks", None)
-        if not blocks:
-            continue
-        block = blocks[0]
-        cls = type(block)
-        if cls not in _INPLACE_GUARD_NEEDED:
-            attn2 = getattr(block, "attn2", None)
-            to_k = getattr(attn2, "to_k", None)
-            context_dim = int(to_k.weight.shape[1]) if to_k is not None else None
-            dim = int(block.attn1.to_q.weight.shape[1])
-            _INPLACE_GUARD_NEEDED[cls] = _probe_inplace_guard(block, context_dim, dim)
-        return _INPLACE_GUARD_NEEDED[cls]
-    return False
+    """Whether this host's blocks add residuals in place, as the model's family finds out."""
+    family = family_for(diffusion_model)
+    return family is not None and family.needs_inplace_guard(diffusion_model)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -38,7 +37,7 @@ import torch
 from ..attention.cache import tensor_digest
 from ..attention.reference import ADReference
 from ..attention.session import ADModelSession
-from ..attention.unet_pass import latent_dtype
+from ..attention.family import latent_dtype
 from .autograd import autograd_through
 from .losses import adain
 from .optimize import ad_objective, region_masks
@@ -119,26 +118,7 @@ def noise_step_key(timestep: float) -> int:
     return int(round(float(timestep) * 1000))
 
 
-# -- VP/k-diffusion bookkeeping -------------------------------------------------------------
-
-
-def vp_scale(sigma: float) -> float:
-    """c = √(σ²+1): the k-diffusion latent divided by c is the reference code's latent."""
-    return math.sqrt(sigma * sigma + 1.0)
-
-
-def feature_timestep(model_sampling: Any, sigma: float) -> tuple[float, float]:
-    """(UNet timestep, noise level of that timestep) for features at σ.
-
-    σ = 0 (the last step of most schedules) maps to the model's smallest sigma, i.e.
-    timestep 0 for SD models: the reference code clamps t' < 0 to 0 and noises the
-    reference to timestep 0. Elsewhere the reference is noised to the timestep the UNet is
-    told, which is σ itself on the DDIM grid.
-    """
-    target = float(sigma) if sigma > 0 else float(model_sampling.sigma_min)
-    timestep = model_sampling.timestep(torch.tensor([target], dtype=torch.float32))
-    sigma_ref = float(model_sampling.sigma(timestep.float()).reshape(-1)[0])
-    return float(timestep.reshape(-1)[0]), sigma_ref
+# -- the step algebra ------------------------------------------------------------------------
 
 
 def deterministic_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -206,17 +186,16 @@ def ad_guidance_update(
     optimize = settings.iterations > 0 and settings.lr != 0
     if not optimize and not settings.adain:
         return latent.detach().clone()
-    model_sampling = session.base_model.model_sampling
-    timestep, sigma_ref = feature_timestep(model_sampling, sigma)
-    scale, ref_scale = vp_scale(sigma), vp_scale(sigma_ref)
+    family = session.family
+    timestep, sigma_ref = family.feature_time(session.base_model.model_sampling, sigma)
     reference = session.reference_latent
-    z = latent.detach().to(reference.device, latent_dtype(latent)) / scale
+    z = family.to_model_input(latent.detach().to(reference.device, latent_dtype(latent)), sigma)
 
     if settings.adain:
-        eps = (adain_noise if adain_noise is not None else reference_noise).to(reference)
-        z = adain(z, (reference + sigma_ref * eps) / ref_scale)
+        target = family.noised(reference, adain_noise if adain_noise is not None else reference_noise, sigma_ref)
+        z = adain(family.adain_view(z), family.adain_view(target), dims=family.adain_dims).reshape(z.shape)
     if not optimize:
-        return (z * scale).detach()
+        return family.from_model_input(z, sigma).detach()
 
     # The noise is part of the cache key (by content), so re-runs with the same reference
     # noise seed reuse the features and any other noise gets its own entry.
@@ -226,7 +205,7 @@ def ad_guidance_update(
     if content is not None and settings.content_weight != 0:
         if content_noise is None:
             raise ValueError("content_noise is required with a content latent")
-        noised = (content.to(reference) + sigma_ref * content_noise.to(reference)) / ref_scale
+        noised = family.noised(content.to(reference), content_noise, sigma_ref)
         content_q = session.queries(noised, timestep, cache_key=("ad-guidance-content", tensor_digest(noised)))
 
     z = z.detach().clone().requires_grad_(True)
@@ -254,7 +233,7 @@ def ad_guidance_update(
             )
         if skipped:
             break
-    return (z.detach() * scale).detach()
+    return family.from_model_input(z.detach(), sigma).detach()
 
 
 # -- where the sampler is --------------------------------------------------------------------
@@ -441,11 +420,11 @@ class ADGuidanceHook:
         self, args: dict, model: Any, denoised: torch.Tensor, sigma: float, sigma_next: float, step: int, patcher: Any
     ) -> torch.Tensor:
         x = args["input"]
-        noise_step = noise_step_key(feature_timestep(model.model_sampling, sigma_next)[0])
         with autograd_through(model.diffusion_model):
             patcher = self._patcher(model, patcher, x)
             windows = self.plan(tuple(x.shape), patcher)
             session = self._session(patcher, x if not windows else windows[0].crop(x))
+            noise_step = noise_step_key(session.family.feature_time(model.model_sampling, sigma_next)[0])
             x_k = x.detach().clone().to(latent_dtype(x))
             d_k = denoised.detach().clone().to(x_k.dtype)
             x_next = deterministic_step(x_k, d_k, sigma, sigma_next)

@@ -85,11 +85,14 @@ def region_attention_mask(target_labels: torch.Tensor, reference_labels: torch.T
     return (allowed | orphan)[:, None]
 
 
-def adain(latent: torch.Tensor, reference: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def adain(
+    latent: torch.Tensor, reference: torch.Tensor, eps: float = 1e-6, dims: tuple[int, ...] = (2, 3)
+) -> torch.Tensor:
     """Match each sample's per-channel mean/std to the reference's (taken over the reference
-    batch and spatial dims), DESIGN §2.5."""
-    mean = latent.mean(dim=(2, 3), keepdim=True)
-    std = latent.std(dim=(2, 3), keepdim=True)
-    ref_mean = reference.mean(dim=(0, 2, 3), keepdim=True)
-    ref_std = reference.std(dim=(0, 2, 3), keepdim=True)
+    batch and spatial dims), docs/DESIGN.md §2.5. `dims`: the dims one channel's statistics
+    are taken over (a family's layout, e.g. packed patches)."""
+    mean = latent.mean(dim=dims, keepdim=True)
+    std = latent.std(dim=dims, keepdim=True)
+    ref_mean = reference.mean(dim=(0, *dims), keepdim=True)
+    ref_std = reference.std(dim=(0, *dims), keepdim=True)
     return (latent - mean) / (std + eps) * ref_std + ref_mean

@@ -1,4 +1,5 @@
-"""Optimization mode (DESIGN §2.4): Adam on the latent over the DDIM timestep schedule."""
+"""Optimization mode (docs/DESIGN.md §2.4): Adam on the latent over the family's descending schedule
+(SD: the DDIM timesteps)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import torch
 from ..attention.cache import ReferenceKV, tensor_digest
 from ..attention.recorder import LayerRecord
 from ..attention.session import ADModelSession
-from ..attention.unet_pass import latent_dtype
+from ..attention.family import latent_dtype
 from .losses import ad_loss, content_loss, labels_at, region_attention_mask
-from .schedule import ddim_timesteps
 from .windows import Window, coverage, is_whole
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def ad_objective(
     content_weight: float,
     masks: RegionMasks | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Total loss, AD loss and content loss of the latent `x` (the UNet input) at `timestep`."""
+    """Total loss, AD loss and content loss of the latent `x` (the model input) at `timestep`."""
     records = session.features(x, timestep)
     ad = ad_loss(
         [r.q for r in records],
@@ -121,7 +121,7 @@ def optimize_latent(
     parts = windows if windowed else [None]
     masks = [region_masks(session, _crop_labels(target_labels, w)) for w in parts]
     count = coverage(windows, *x.shape[-2:], device=x.device).to(x.dtype) if windowed else None
-    for step, timestep in enumerate(ddim_timesteps(settings.steps)):
+    for step, timestep in enumerate(session.family.optimize_times(session.base_model, settings.steps)):
         refs = session.reference_kv(timestep)
         content_q = [
             session.queries(_crop(content, w), timestep, cache_key=(content_key, w)) if use_content else None

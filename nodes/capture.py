@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..attention.layers import PAPER_DEFAULT_SPEC, select_layers
 from ..attention.reference import ADReference
-from ..attention.unet_pass import check_sd_unet, conditioning_kwargs, latent_channels
+from ..attention.families import family_of
 from ..guidance.losses import labels_from_mask
 from .common import AD_REFERENCE, CATEGORY
 from .errors import reported_as, require
@@ -65,13 +65,13 @@ class CaptureReferenceAttention:
     def capture(self, model, reference, null_conditioning, layers, reference_mask=None, attn_scale=1.0):
         with reported_as(NODE):
             base = model.model
-            check_sd_unet(base)
-            samples = latent_samples(NODE, reference, "reference", latent_channels(base))
+            family = family_of(base)
+            samples = latent_samples(NODE, reference, "reference", family.latent_channels(base))
             select_layers(base.diffusion_model, layers)
             require(isinstance(null_conditioning, list) and len(null_conditioning) > 0, NODE,
                     "'null_conditioning' is empty; connect CLIPTextEncode with empty text")
             try:
-                conditioning_kwargs(base, null_conditioning, samples[:1].float(), samples.device)
+                family.conditioning(base, null_conditioning, samples[:1].float(), samples.device)
             except (KeyError, TypeError, AttributeError) as error:
                 require(False, NODE, f"'null_conditioning' does not fit this model ({error}); encode it with this checkpoint's CLIP")
             scale = finite_number(NODE, attn_scale, "attn_scale", minimum=0.0)

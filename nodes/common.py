@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..attention.families import family_of
+
 CATEGORY = "Attention Distillation"
 AD_REFERENCE = "AD_REFERENCE"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # the largest seed ComfyUI's own seed inputs take
@@ -37,15 +39,12 @@ CHECKPOINTING_INPUT = (
         "per iteration. auto = on for SDXL-class models at 1024x1024 and above.",
     },
 )
-AUTO_CHECKPOINT_PIXELS = 1024 * 1024
 
 
 def use_checkpointing(choice: str, patcher: Any, latent_shape: tuple[int, ...]) -> bool:
-    """Resolve the gradient checkpointing choice for this model and latent size."""
+    """Resolve the gradient checkpointing choice for this model and latent size ('auto': the family's)."""
     if choice == "on":
         return True
     if choice == "off":
         return False
-    sdxl_class = getattr(patcher.model.diffusion_model, "num_classes", None) is not None
-    pixels = int(latent_shape[-1]) * int(latent_shape[-2]) * 64
-    return sdxl_class and pixels >= AUTO_CHECKPOINT_PIXELS
+    return family_of(patcher.model).auto_checkpointing(patcher.model, latent_shape)

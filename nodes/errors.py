@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from ..attention.layers import LayerSpecError
-from ..attention.unet_pass import UnsupportedModelError
+from ..attention.family import UnsupportedModelError
 
 
 class ADNodeError(ValueError):

@@ -9,7 +9,7 @@ import torch
 
 from ..attention.layers import select_layers
 from ..attention.reference import ADReference
-from ..attention.unet_pass import check_sd_unet, latent_channels
+from ..attention.families import family_of
 from ..guidance.guided import ADGuidanceHook, GuidanceIteration, GuidanceSettings
 from ..guidance.losses import labels_from_mask
 from .common import (
@@ -32,15 +32,6 @@ log = logging.getLogger(__name__)
 
 def _interrupt_check(_: GuidanceIteration) -> None:
     check_interrupt()
-
-
-def _cross_attention_width(diffusion_model: torch.nn.Module) -> int | None:
-    """Context width the UNet's cross-attention takes (768 SD1.5, 2048 SDXL), if it has any."""
-    for module in diffusion_model.modules():
-        to_k = getattr(getattr(module, "attn2", None), "to_k", None)
-        if to_k is not None:
-            return int(to_k.weight.shape[1])
-    return None
 
 
 class ADLossGuidance:
@@ -182,17 +173,11 @@ class ADLossGuidance:
         with reported_as(NODE):
             require(isinstance(reference, ADReference), NODE, "'reference' must come from Capture Reference Attention")
             base = model.model
-            check_sd_unet(base)
+            family = family_of(base)
             select_layers(base.diffusion_model, reference.layer_spec)
-            width = _cross_attention_width(base.diffusion_model)
-            null_width = int(reference.conditioning[0][0].shape[-1])
-            require(
-                width is None or width == null_width,
-                NODE,
-                f"the reference's empty-prompt conditioning is {null_width} wide but this model's cross-attention "
-                f"takes {width}; capture the reference with this checkpoint's CLIP",
-            )
-            channels = latent_channels(base)
+            mismatch = family.conditioning_mismatch(base, reference.conditioning)
+            require(mismatch is None, NODE, mismatch or "")
+            channels = family.latent_channels(base)
             require(
                 int(reference.latents.shape[1]) == channels,
                 NODE,

@@ -8,7 +8,8 @@ import torch
 
 from ..attention.reference import ADReference
 from ..attention.session import ADModelSession
-from ..attention.unet_pass import check_sd_unet, latent_channels, latent_dtype
+from ..attention.families import family_of
+from ..attention.family import latent_dtype
 from ..guidance.autograd import autograd_through
 from ..guidance.losses import labels_from_mask
 from ..guidance.optimize import IterationReport, OptimizeSettings, optimize_latent
@@ -93,8 +94,7 @@ class LatentADOptimize:
         with reported_as(NODE):
             require(isinstance(reference, ADReference), NODE, "'reference' must come from Capture Reference Attention")
             base = model.model
-            check_sd_unet(base)
-            channels = latent_channels(base)
+            channels = family_of(base).latent_channels(base)
             samples = latent_samples(NODE, latent, "latent", channels)
             steps = whole_number(NODE, steps, "steps", 1, 1000)
             iterations = whole_number(NODE, iterations, "iterations", 0, 1000)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..attention.tiling import TILING_MODES, TilingError, tiled_model, tiled_vae
-from ..attention.unet_pass import check_sd_unet
+from ..attention.families import family_of
 from ..guidance.windows import TILING_OPTION
 from .common import CATEGORY
 from .errors import ADNodeError, reported_as, require
@@ -20,7 +20,7 @@ def _check_model(model: Any) -> None:
         NODE,
         "'model' must be a MODEL (from Load Checkpoint or a model patch node)",
     )
-    check_sd_unet(model.model)
+    family_of(model.model)
 
 
 def _check_vae(vae: Any) -> None:

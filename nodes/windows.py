@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..attention.family import PIXELS_PER_LATENT
 from ..guidance.windows import WindowSettings
 from .common import CATEGORY
 from .errors import require
@@ -11,7 +12,7 @@ from .inputs import whole_number
 
 NODE = "AD Texture Windows"
 AD_WINDOWS = "AD_WINDOWS"
-LATENT_SCALE = 8  # pixels per latent pixel of SD-family VAEs
+LATENT_SCALE = PIXELS_PER_LATENT
 
 
 def window_settings(node: str, windows: Any) -> WindowSettings | None:

@@ -38,6 +38,7 @@ def mods(pack):
         "autograd": "attention_distillation_pack.guidance.autograd",
         "optimize": "attention_distillation_pack.guidance.optimize",
         "session": "attention_distillation_pack.attention.session",
+        "sd_family": "attention_distillation_pack.attention.sd_family",
         "capture": "attention_distillation_pack.nodes.capture",
         "node": "attention_distillation_pack.nodes.guidance",
         "errors": "attention_distillation_pack.nodes.errors",
@@ -397,9 +398,9 @@ def test_host_schedule_found_inside_the_2024_sampler(mods, sd15, reference, monk
 
 def test_last_step_features_at_timestep_zero(mods, sd15):
     ms = sd15.model.model_sampling
-    t, s = mods.guided.feature_timestep(ms, 0.0)
+    t, s = mods.sd_family.feature_timestep(ms, 0.0)
     assert t == 0.0 and s == pytest.approx(float(ms.sigmas[0]))
-    t, s = mods.guided.feature_timestep(ms, float(ms.sigmas[601]))
+    t, s = mods.sd_family.feature_timestep(ms, float(ms.sigmas[601]))
     assert t == 601.0 and s == pytest.approx(float(ms.sigmas[601]), rel=1e-6)
 
 

@@ -102,7 +102,7 @@ def test_adain_matches_reference_statistics(losses):
 
 
 def test_ddim_schedule(pack):
-    from attention_distillation_pack.guidance.schedule import ddim_timesteps
+    from attention_distillation_pack.attention.sd_family import ddim_timesteps
 
     ts = ddim_timesteps(200)
     assert ts[:3] == [996, 991, 986] and ts[-1] == 1 and len(ts) == 200

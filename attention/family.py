@@ -1,0 +1,137 @@
+"""The model-family interface: everything AD needs to know about a model's anatomy (docs/DESIGN.md §3).
+
+One module per family implements it (attention/sd_family.py: the SD1.x/SD2.x/SDXL UNet). guidance/
+asks the family of the model it runs on and never branches on model types; nodes ask it for their
+validation messages. A new family is a new module registered in attention/families.py, plus tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+# Pixels per latent pixel of the image VAE of every supported family (SD1.x, SDXL and Flux VAEs
+# all downsample 8x); the one constant nodes without a MODEL input (AD Texture Windows) may use.
+PIXELS_PER_LATENT = 8
+
+
+def latent_dtype(latent: torch.Tensor) -> torch.dtype:
+    """Latents, losses and Adam stay in float32 at least, whatever the network computes in."""
+    return torch.promote_types(latent.dtype, torch.float32)
+
+
+def compute_dtype(base_model: Any) -> torch.dtype:
+    """The dtype ComfyUI computes the network in (manual cast where the weights are stored lower)."""
+    dtype = base_model.get_dtype()
+    manual = getattr(base_model, "manual_cast_dtype", None)
+    return manual if manual is not None else dtype
+
+
+def backward_capable_attention(func, *args, **kwargs):
+    """`optimized_attention_override` for AD passes: SDPA, which every backend can differentiate
+    (sage/flash kernels cannot)."""
+    import comfy.ldm.modules.attention as attention
+
+    sdpa = getattr(attention, "attention_pytorch", None)
+    return (sdpa or func)(*args, **kwargs)
+
+
+class UnsupportedModelError(ValueError):
+    """The MODEL is not one any family of this pack can read."""
+
+
+class AttentionLayer(Protocol):
+    """One attention layer in the family's AD order; `patch_key` names it in the family's patches."""
+
+    ad_index: int
+
+    @property
+    def patch_key(self) -> tuple: ...
+
+
+class FeaturePass(Protocol):
+    """One AD forward: features of the selected layers for a model input at a family time."""
+
+    def run(self, model_input: torch.Tensor, time: float, cond: dict[str, torch.Tensor]) -> list:
+        """`LayerRecord`s (attention/recorder.py) of the selected layers, in layer order."""
+        ...
+
+
+class ModelFamily(ABC):
+    """A kind of diffusion model. Times are what the family's network is called with (a UNet timestep
+    for SD); model inputs are latents in the form the reference code feeds the network (for SD the
+    VP latent x/√(σ²+1), where samplers hold the k-diffusion x)."""
+
+    name: str = ""
+    supported: str = ""  # the models it covers, for error messages: "an SD1.x, SD2.x or SDXL UNet"
+    default_layer_count: int = 6  # what "paper default" selects: the last this many layers
+
+    # -- anatomy ------------------------------------------------------------------------------------
+    @abstractmethod
+    def accepts(self, diffusion_model: torch.nn.Module) -> bool:
+        """True when `diffusion_model` (a BaseModel's `diffusion_model`) is of this family."""
+
+    @abstractmethod
+    def check(self, base_model: Any) -> None:
+        """Raise `UnsupportedModelError` for variants of the family AD cannot run on (inpainting)."""
+
+    @abstractmethod
+    def attention_layers(self, diffusion_model: torch.nn.Module) -> list[AttentionLayer]:
+        """Every attention layer AD may distill, in the reference code's counting order."""
+
+    @abstractmethod
+    def feature_pass(self, base_model: Any, layers: Sequence[AttentionLayer], stop_early: bool = True,
+                     checkpoint: bool = False) -> FeaturePass:
+        """The pass recording `layers`; `checkpoint`: block-wise gradient checkpointing when differentiated."""
+
+    @abstractmethod
+    def needs_inplace_guard(self, diffusion_model: torch.nn.Module) -> bool:
+        """True when a backward through this host's blocks breaks on in-place residual adds."""
+
+    @abstractmethod
+    def auto_checkpointing(self, base_model: Any, latent_shape: Sequence[int]) -> bool:
+        """What gradient checkpointing 'auto' means for this model at this latent size."""
+
+    # -- latents and conditioning ---------------------------------------------------------------------
+    def latent_channels(self, base_model: Any) -> int:
+        return int(getattr(base_model.latent_format, "latent_channels", 4))
+
+    @abstractmethod
+    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+        """Network keyword inputs an AD pass needs from a CONDITIONING (the null text), batched to `latent`."""
+
+    @abstractmethod
+    def conditioning_mismatch(self, base_model: Any, conditioning: list) -> str | None:
+        """Why `conditioning` cannot drive this model's AD passes (another model's text encoder), or None."""
+
+    # -- sampling parametrization ---------------------------------------------------------------------
+    @abstractmethod
+    def optimize_times(self, base_model: Any, steps: int) -> list[float]:
+        """Descending times of Latent AD Optimize's `steps` (the clean latent is fed at each)."""
+
+    @abstractmethod
+    def feature_time(self, model_sampling: Any, sigma: float) -> tuple[float, float]:
+        """(time, noise level of that time) at which a guided step's features are taken for σ (0: last step)."""
+
+    @abstractmethod
+    def to_model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The sampler's latent at σ in the form the reference code optimizes and feeds the network."""
+
+    @abstractmethod
+    def from_model_input(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Inverse of `to_model_input`."""
+
+    @abstractmethod
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """A clean latent noised to σ with `noise`, as a model input."""
+
+    # -- AdaIN ----------------------------------------------------------------------------------------
+    adain_dims: tuple[int, ...] = (2, 3)  # statistics of one channel, per sample, over these dims
+
+    def adain_view(self, latent: torch.Tensor) -> torch.Tensor:
+        """`latent` viewed so that AdaIN's channel statistics are over `adain_dims` (SD: as is)."""
+        return latent
