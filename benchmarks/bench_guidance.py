@@ -3,7 +3,7 @@ process, per step and in total, with peak memory, and how close a guided step is
 
     python benchmarks/bench_guidance.py [--size 256] [--steps 20] [--cfg 7.5] [--iterations 2]
 
-The floor of one guided step (DESIGN §5) is the sampler's own CFG forward, one reference
+The floor of one guided step (docs/DESIGN.md §5) is the sampler's own CFG forward, one reference
 forward up to the last selected layer (none when cached) and, per iteration, a forward to the
 last selected layer plus its backward. The floor's parts are measured here with a bare
 hand-written pass (one attn1 replace that records and stops, an L1 loss, backward), not with

@@ -37,7 +37,7 @@ from harness import build_full_unet, conditioning, measure  # noqa: E402
 from attention_distillation_pack.attention.reference import ADReference  # noqa: E402
 from attention_distillation_pack.attention.session import ADModelSession  # noqa: E402
 from attention_distillation_pack.guidance.autograd import autograd_through  # noqa: E402
-from attention_distillation_pack.guidance.guided import GuidanceSettings, ad_guidance_update  # noqa: E402
+from attention_distillation_pack.guidance.guided_update import GuidanceSettings, ad_guidance_update  # noqa: E402
 
 patcher = build_full_unet("sd15")
 side = args.size // 8

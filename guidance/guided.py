@@ -1,26 +1,25 @@
-"""Guided sampling (DESIGN §2.5): the AD update of one sampling step, and the post-CFG hook
-that runs it inside any ComfyUI sampler.
+"""Guided sampling (docs/DESIGN.md §2.5): the post-CFG hook that runs the AD update of each step inside
+any ComfyUI sampler.
 
-The reference code works in VP form: after each DDIM step it optimizes the next latent
-z = x'/c (c = √(σ'²+1), the UNet input) with a fresh Adam for a few iterations, then moves
-on. ComfyUI's samplers work in the k-diffusion form x = x0 + σ·ε and only let a hook change
-the denoised value D. The hook therefore
+The reference code optimizes the next latent after each DDIM step with a fresh Adam for a few
+iterations, then moves on. ComfyUI's samplers work in the k-diffusion form x = x0 + σ·ε and only
+let a hook change the denoised value D. The hook therefore
 
-1. takes the deterministic (Euler/DDIM) step x' = D + (x − D)·σ'/σ the sampler is about to
-   take, with σ' the next sigma of the running schedule;
-2. optimizes z = x'/c against the AD loss (`ad_guidance_update`), features at the timestep
-   of σ' with the reference noised to that timestep;
-3. returns D* = (x'* − r·x)/(1 − r), r = σ'/σ, so that an Euler/DDIM step lands exactly
-   on x'* = c·z*. Other samplers use D* like any denoised value (ancestral, SDE and
-   multistep samplers get the natural generalization, not an exact landing).
+1. takes the deterministic (Euler/DDIM) step x' = D + (x − D)·σ'/σ the sampler is about to take,
+   with σ' the next sigma of the running schedule (guidance/step_algebra.py);
+2. optimizes x' against the AD loss (guidance/guided_update.py) in the form the model's family
+   says the reference code optimizes (SD: z = x'/√(σ'²+1)), with per-step noise
+   (guidance/step_noise.py);
+3. returns D* = (x'* − r·x)/(1 − r), r = σ'/σ, so that an Euler/DDIM step lands exactly on x'*.
+   Other samplers use D* like any denoised value (ancestral, SDE and multistep samplers get the
+   natural generalization, not an exact landing).
 
-The AD passes call the UNet directly with the reference's empty-prompt conditioning and
-without ControlNet: the reference code's "classifier" is the plain UNet with null text, and
-ControlNet residuals would both bias the attention features away from the reference's
-(which are computed without them) and cost a ControlNet forward and backward per
-iteration. The sampler's own CFG pass still gets the ControlNet, so the image follows it.
-Because ControlNet never enters the AD graph, ComfyUI's in-place `h += ctrl` cannot
-corrupt it.
+The AD passes call the network directly with the reference's empty-prompt conditioning and
+without ControlNet: the reference code's "classifier" is the plain network with null text, and
+ControlNet residuals would both bias the attention features away from the reference's (which are
+computed without them) and cost a ControlNet forward and backward per iteration. The sampler's
+own CFG pass still gets the ControlNet, so the image follows it. Because ControlNet never enters
+the AD graph, ComfyUI's in-place `h += ctrl` cannot corrupt it.
 """
 
 from __future__ import annotations
@@ -28,212 +27,29 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from ..attention.cache import tensor_digest
 from ..attention.reference import ADReference
 from ..attention.session import ADModelSession
 from ..attention.family import latent_dtype
 from .autograd import autograd_through
-from .losses import adain
-from .optimize import ad_objective, region_masks
-from .windows import Window, WindowSettings, coverage, is_whole, plan_windows, wrap_axes
+from .guided_update import GuidanceIteration, GuidanceSettings, ad_guidance_update
+from .step_algebra import deterministic_step, landing_denoised, schedule_step, sigma_range
+from .step_noise import STREAM_ADAIN, STREAM_CONTENT, STREAM_REFERENCE, noise_step_key, step_noise
+from .windows import Window, WindowSettings, plan_windows, wrap_axes
 
 log = logging.getLogger(__name__)
-
-# Independent noise streams per step, as the reference code draws fresh noise for each use.
-STREAM_REFERENCE = 0
-STREAM_ADAIN = 1
-STREAM_CONTENT = 2
-
-_MASK64 = (1 << 64) - 1
-_SCHEDULE_RTOL = 1e-5
-
 
 OOM_MESSAGE = (
     "AD Loss Guidance ran out of memory in its backward pass through the UNet; lower the resolution or batch "
     "size, set gradient_checkpointing on, select fewer or lower-resolution layers, or use fewer references"
 )
 
-
 class GuidanceInputError(ValueError):
     """An input of AD Loss Guidance that only turns out not to fit once sampling starts."""
-
-
-@dataclass(frozen=True)
-class GuidanceSettings:
-    """Defaults are the reference code's style-specific text-to-image settings."""
-
-    lr: float = 0.015
-    iterations: int = 2
-    adain: bool = True
-    content_weight: float = 0.25
-
-
-@dataclass
-class GuidanceIteration:
-    """One Adam iteration of one guided step, for progress, Cancel and tests."""
-
-    step: int
-    iteration: int
-    sigma_next: float
-    timestep: float
-    ad: float
-    content: float
-    skipped: bool = False
-
-
-# -- reproducible per-step noise ------------------------------------------------------------
-
-
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A 64-bit generator seed for (seed, step, stream): nearby inputs give unrelated seeds."""
-    value = _splitmix64(int(seed) & _MASK64)
-    value = _splitmix64(value ^ (int(step) & _MASK64))
-    return _splitmix64(value ^ (int(stream) & _MASK64))
-
-
-def step_noise(shape: tuple[int, ...], seed: int, step: int, stream: int) -> torch.Tensor:
-    """Standard normal float32 noise on the CPU, a pure function of (shape, seed, step, stream),
-    so runs are reproducible on every device and the feature cache can key on it."""
-    generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, stream))
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-
-
-def noise_step_key(timestep: float) -> int:
-    """The step identity the per-step noise is drawn for: the step's target timestep t'
-    (thousandths, for models with continuous timesteps). Unlike the index in the running
-    schedule it is the same when a run is split (KSamplerAdvanced start/end steps)."""
-    return int(round(float(timestep) * 1000))
-
-
-# -- the step algebra ------------------------------------------------------------------------
-
-
-def deterministic_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """The Euler/DDIM (η = 0) step from σ to σ': x' = D + (x − D)·σ'/σ."""
-    return denoised + (x - denoised) * (sigma_next / sigma)
-
-
-def landing_denoised(x: torch.Tensor, x_next: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """The denoised value D* whose Euler step from (x, σ) lands exactly on x_next at σ'."""
-    ratio = sigma_next / sigma
-    return (x_next - ratio * x) / (1.0 - ratio)
-
-
-# -- the guidance update ----------------------------------------------------------------------
-
-
-def ad_guidance_update(
-    session: ADModelSession,
-    latent: torch.Tensor,
-    sigma: float,
-    reference_noise: torch.Tensor,
-    settings: GuidanceSettings,
-    *,
-    adain_noise: torch.Tensor | None = None,
-    content: torch.Tensor | None = None,
-    content_noise: torch.Tensor | None = None,
-    target_labels: torch.Tensor | None = None,
-    step: int = 0,
-    on_iteration: Callable[[GuidanceIteration], None] | None = None,
-    windows: list[Window] | None = None,
-) -> torch.Tensor:
-    """One guidance update (DESIGN §2.5 steps 2-4) of the post-step latent.
-
-    latent: x' in k-diffusion form and model space (after process_latent_in) at noise level
-    `sigma` (σ' of the step; 0 on the last step). reference_noise: ε for the reference's
-    features, shaped like the model-space reference; adain_noise: ε of the AdaIN target
-    (default: reference_noise); content: model-space content latent (batch 1 or B) with its
-    ε in content_noise. Returns the optimized x'* = c·z* in the same form.
-
-    With `windows` (more than one), each window gets this update on its own (AdaIN and a
-    fresh Adam, like the reference code's panorama mode) and the results are averaged where
-    windows overlap.
-
-    Must run inside `autograd_through(diffusion_model)`.
-    """
-    if windows is not None and not is_whole(windows):
-        total = torch.zeros_like(latent, dtype=latent_dtype(latent))
-        for window in windows:
-            part = ad_guidance_update(
-                session,
-                window.crop(latent),
-                sigma,
-                reference_noise,
-                settings,
-                adain_noise=adain_noise,
-                content=window.crop(content) if content is not None else None,
-                content_noise=window.crop(content_noise) if content_noise is not None else None,
-                target_labels=window.crop_labels(target_labels) if target_labels is not None else None,
-                step=step,
-                on_iteration=on_iteration,
-            )
-            window.add_into(total, part.to(total))
-        return total / coverage(windows, *latent.shape[-2:], device=total.device).to(total.dtype)
-    sigma = float(sigma)
-    optimize = settings.iterations > 0 and settings.lr != 0
-    if not optimize and not settings.adain:
-        return latent.detach().clone()
-    family = session.family
-    timestep, sigma_ref = family.feature_time(session.base_model.model_sampling, sigma)
-    reference = session.reference_latent
-    z = family.to_model_input(latent.detach().to(reference.device, latent_dtype(latent)), sigma)
-
-    if settings.adain:
-        target = family.noised(reference, adain_noise if adain_noise is not None else reference_noise, sigma_ref)
-        z = adain(family.adain_view(z), family.adain_view(target), dims=family.adain_dims).reshape(z.shape)
-    if not optimize:
-        return family.from_model_input(z, sigma).detach()
-
-    # The noise is part of the cache key (by content), so re-runs with the same reference
-    # noise seed reuse the features and any other noise gets its own entry.
-    refs = session.reference_kv(timestep, noise=reference_noise, sigma=sigma_ref)
-    masks = region_masks(session, target_labels)
-    content_q = None
-    if content is not None and settings.content_weight != 0:
-        if content_noise is None:
-            raise ValueError("content_noise is required with a content latent")
-        noised = family.noised(content.to(reference), content_noise, sigma_ref)
-        content_q = session.queries(noised, timestep, cache_key=("ad-guidance-content", tensor_digest(noised)))
-
-    z = z.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=settings.lr)
-    for iteration in range(settings.iterations):
-        optimizer.zero_grad(set_to_none=True)
-        loss, ad, cl = ad_objective(session, z, timestep, refs, content_q, settings.content_weight, masks)
-        skipped = not bool(torch.isfinite(loss))
-        if skipped:
-            log.warning("AD Loss Guidance: non-finite loss at sigma %.4g; update skipped", sigma)
-        else:
-            loss.backward()
-            optimizer.step()
-        if on_iteration is not None:
-            on_iteration(
-                GuidanceIteration(
-                    step,
-                    iteration,
-                    sigma,
-                    timestep,
-                    float(ad.detach()),
-                    float(cl.detach()) if cl is not None else 0.0,
-                    skipped,
-                )
-            )
-        if skipped:
-            break
-    return family.from_model_input(z.detach(), sigma).detach()
 
 
 # -- where the sampler is --------------------------------------------------------------------
@@ -275,34 +91,6 @@ def sampling_context(args: dict) -> tuple[torch.Tensor | None, Any]:
             if patcher is None:
                 patcher = getattr(getattr(owner, "inner_model", None), "model_patcher", None)
     return sigmas, patcher
-
-
-def schedule_step(sigmas: torch.Tensor, sigma: float) -> tuple[int, float] | None:
-    """(step index i, σ_{i+1}) for a model call at σ in a descending schedule.
-
-    i is the last schedule entry at or above σ, so calls at a schedule sigma, at a
-    sampler's midpoint (dpm_2, dpmpp_sde, dpmpp_2s) or above the first sigma (churn) all
-    aim at the next schedule sigma below them. None when nothing is below σ.
-    """
-    values = [float(v) for v in sigmas.detach().flatten().cpu()]
-    threshold = sigma * (1.0 - _SCHEDULE_RTOL)
-    index = None
-    for i, value in enumerate(values):
-        if value >= threshold:
-            index = i
-    if index is None:  # above the first sigma (churn): the first step
-        index = 0
-    if index + 1 >= len(values):
-        return None
-    nxt = values[index + 1]
-    if not nxt < threshold:
-        return None
-    return index, nxt
-
-
-def sigma_range(model_sampling: Any, start_percent: float, end_percent: float) -> tuple[float, float]:
-    """(highest, lowest) σ at which guidance is active, like ComfyUI's other guidance nodes."""
-    return float(model_sampling.percent_to_sigma(start_percent)), float(model_sampling.percent_to_sigma(end_percent))
 
 
 # -- the post-CFG hook -------------------------------------------------------------------------

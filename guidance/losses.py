@@ -1,4 +1,4 @@
-"""AD loss, content loss and region masks (DESIGN §2.3). Plain torch."""
+"""AD loss, content loss and region masks (docs/DESIGN.md §2.3). Plain torch."""
 
 from __future__ import annotations
 

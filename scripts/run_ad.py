@@ -36,7 +36,7 @@ STYLE_IMAGE = "style-1.jpg"
 TEXTURE_IMAGE = "texture-17.jpg"
 PACK_NAME = "attention_distillation_quickstart"
 
-# The reference code's defaults (DESIGN.md §2.6) for a real checkpoint.
+# The reference code's defaults (docs/DESIGN.md §2.6) for a real checkpoint.
 REAL_SIZE = 512
 STYLE_SETTINGS = {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25}
 TEXTURE_SETTINGS = {"steps": 300, "lr": 0.05, "iterations": 1, "content_weight": 0.0}
