@@ -33,9 +33,8 @@ from typing import Any
 import torch
 
 from ..attention.reference import ADReference
-from ..attention.session import ADModelSession
 from ..attention.family import latent_dtype
-from .autograd import autograd_through
+from .ad_pass import ad_pass
 from .guided_update import GuidanceIteration, GuidanceSettings, ad_guidance_update
 from .step_algebra import deterministic_step, landing_denoised, schedule_step, sigma_range
 from .step_noise import STREAM_ADAIN, STREAM_CONTENT, STREAM_REFERENCE, noise_step_key, step_noise
@@ -147,9 +146,8 @@ class ADGuidanceHook:
             patcher = SimpleNamespace(model=model, load_device=latent.device, patches_uuid=None)
         return patcher
 
-    def _session(self, patcher: Any, latent: torch.Tensor) -> ADModelSession:
-        checkpoint = bool(self.checkpointing(patcher, tuple(latent.shape))) if self.checkpointing is not None else False
-        return ADModelSession(patcher, self.reference, device=latent.device, gradient_checkpointing=checkpoint)
+    def _checkpoint(self, patcher: Any, pass_shape: tuple[int, ...]) -> bool:
+        return bool(self.checkpointing(patcher, pass_shape)) if self.checkpointing is not None else False
 
     def plan(self, shape: tuple[int, ...], patcher: Any) -> list[Window] | None:
         """Windows for a latent of `shape` (wrapping on the patcher's seamless-tiling axes), or None."""
@@ -208,10 +206,11 @@ class ADGuidanceHook:
         self, args: dict, model: Any, denoised: torch.Tensor, sigma: float, sigma_next: float, step: int, patcher: Any
     ) -> torch.Tensor:
         x = args["input"]
-        with autograd_through(model.diffusion_model):
-            patcher = self._patcher(model, patcher, x)
-            windows = self.plan(tuple(x.shape), patcher)
-            session = self._session(patcher, x if not windows else windows[0].crop(x))
+        patcher = self._patcher(model, patcher, x)
+        windows = self.plan(tuple(x.shape), patcher)
+        pass_shape = tuple(x.shape[:-2]) + ((windows[0].height, windows[0].width) if windows else tuple(x.shape[-2:]))
+        checkpoint = self._checkpoint(patcher, pass_shape)
+        with ad_pass(patcher, self.reference, device=x.device, gradient_checkpointing=checkpoint) as session:
             noise_step = noise_step_key(session.family.feature_time(model.model_sampling, sigma_next)[0])
             x_k = x.detach().clone().to(latent_dtype(x))
             d_k = denoised.detach().clone().to(x_k.dtype)

@@ -9,10 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
+from typing import Any
+
 from ..attention.cache import ReferenceKV, tensor_digest
-from ..attention.recorder import LayerRecord
-from ..attention.session import ADModelSession
 from ..attention.family import latent_dtype
+from ..attention.recorder import LayerRecord
+from ..attention.reference import ADReference
+from ..attention.session import ADModelSession
+from .ad_pass import ad_pass
 from .losses import ad_loss, content_loss, labels_at, region_attention_mask
 from .windows import Window, coverage, is_whole
 
@@ -152,6 +156,34 @@ def optimize_latent(
             if on_iteration is not None:
                 on_iteration(IterationReport(step, iteration, timestep, ad, cl, not finite))
     return x.detach()
+
+
+def optimize_on_model(
+    patcher: Any,
+    reference: ADReference,
+    samples: torch.Tensor,
+    settings: OptimizeSettings,
+    *,
+    start: torch.Tensor | None = None,
+    content: torch.Tensor | None = None,
+    target_labels: torch.Tensor | None = None,
+    windows: list[Window] | None = None,
+    gradient_checkpointing: bool = False,
+    on_iteration: Callable[[IterationReport], None] | None = None,
+    before_window: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Latent AD Optimize on a loaded MODEL: LATENT-space `samples` (and `content`) in, the optimized
+    LATENT-space samples out. `start`: the model-space start latent instead of `samples` (seeded
+    noise for texture synthesis)."""
+    with ad_pass(patcher, reference, gradient_checkpointing=gradient_checkpointing) as session:
+        if start is None:
+            init = session.to_model_space(samples)
+        else:
+            init = start.detach().clone().to(session.device, latent_dtype(samples))
+        content_in = session.to_model_space(content) if content is not None else None
+        result = optimize_latent(session, init, settings, content=content_in, target_labels=target_labels,
+                                 on_iteration=on_iteration, windows=windows, before_window=before_window)
+        return session.to_latent_space(result).to(samples.device, samples.dtype)
 
 
 def _crop(tensor: torch.Tensor | None, window: Window | None) -> torch.Tensor | None:

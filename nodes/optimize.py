@@ -6,13 +6,10 @@ import logging
 
 import torch
 
-from ..attention.reference import ADReference
-from ..attention.session import ADModelSession
 from ..attention.families import family_of
-from ..attention.family import latent_dtype
-from ..guidance.autograd import autograd_through
+from ..attention.reference import ADReference
 from ..guidance.losses import labels_from_mask
-from ..guidance.optimize import IterationReport, OptimizeSettings, optimize_latent
+from ..guidance.optimize import IterationReport, OptimizeSettings, optimize_on_model
 from ..guidance.windows import plan_windows, wrap_axes
 from .common import (
     AD_REFERENCE,
@@ -127,7 +124,6 @@ class LatentADOptimize:
             require(gradient_checkpointing in CHECKPOINTING_CHOICES, NODE,
                     f"'gradient_checkpointing' must be one of {CHECKPOINTING_CHOICES}")
             checkpointing = use_checkpointing(gradient_checkpointing, model, pass_shape)
-            session = ADModelSession(model, reference, gradient_checkpointing=checkpointing)
             progress = comfy.utils.ProgressBar(steps)
 
             def on_iteration(report: IterationReport) -> None:
@@ -135,17 +131,10 @@ class LatentADOptimize:
                 if report.iteration == iterations - 1:
                     progress.update_absolute(report.step + 1)
 
-            with autograd_through(base.diffusion_model):
-                if start is None:
-                    init = session.to_model_space(samples)
-                else:
-                    init = start.detach().clone().to(session.device, latent_dtype(samples))
-                content_unet = session.to_model_space(content_samples) if content_samples is not None else None
-                settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
-                result = optimize_latent(session, init, settings, content=content_unet,
-                                         target_labels=labels, on_iteration=on_iteration, windows=plan,
-                                         before_window=check_interrupt)
-                out = session.to_latent_space(result).to(samples.device, samples.dtype)
+            settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
+            out = optimize_on_model(model, reference, samples, settings, start=start, content=content_samples,
+                                    target_labels=labels, windows=plan, gradient_checkpointing=checkpointing,
+                                    on_iteration=on_iteration, before_window=check_interrupt)
             output = {k: v for k, v in latent.items() if k != "noise_mask"}
             output["samples"] = out
             return (output,)
