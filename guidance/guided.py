@@ -43,7 +43,7 @@ from .windows import Window, WindowSettings, plan_windows, wrap_axes
 log = logging.getLogger(__name__)
 
 OOM_MESSAGE = (
-    "AD Loss Guidance ran out of memory in its backward pass through the UNet; lower the resolution or batch "
+    "AD Loss Guidance ran out of memory in its backward pass through the model; lower the resolution or batch "
     "size, set gradient_checkpointing on, select fewer or lower-resolution layers, or use fewer references"
 )
 

@@ -70,7 +70,7 @@ def ad_guidance_update(
     fresh Adam, like the reference code's panorama mode) and the results are averaged where
     windows overlap.
 
-    Must run inside `autograd_through(diffusion_model)`.
+    Must run inside `ad_pass` (guidance/ad_pass.py).
     """
     if windows is not None and not is_whole(windows):
         total = torch.zeros_like(latent, dtype=latent_dtype(latent))

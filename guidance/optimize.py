@@ -35,7 +35,7 @@ class OptimizeSettings:
 class IterationReport:
     step: int
     iteration: int
-    timestep: int
+    timestep: float
     ad: float
     content: float
     skipped: bool = False
@@ -113,7 +113,7 @@ def optimize_latent(
     memory of a pass is the window's, whatever the latent's size. `before_window` runs before
     each window's pass (Cancel: an iteration over many windows can take long).
 
-    Must run inside `autograd_through(diffusion_model)`.
+    Must run inside `ad_pass` (guidance/ad_pass.py).
     """
     session.reference.cache.begin_run()
     x = init.detach().to(latent_dtype(init)).clone().requires_grad_(True)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..attention.family import PIXELS_PER_LATENT
+
 TILING_OPTION = "ad_seamless_tiling"  # model_options entry set by AD Seamless Tiling: {"x": bool, "y": bool}
 
 
@@ -65,11 +67,11 @@ class Window:
         return Window(self.top * sy, self.left * sx, self.height * sy, self.width * sx, rows, cols)
 
     def crop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """The window of region labels (B, H, W) given at any resolution (resized nearest to 8×
-        the latent when it is not an integer multiple of it)."""
+        """The window of region labels (B, H, W) given at any resolution (resized nearest to the
+        latent's pixel size when it is not an integer multiple of it)."""
         rows, cols = labels.shape[-2:]
         if rows % self.rows or cols % self.cols or rows < self.rows or cols < self.cols:
-            size = (self.rows * 8, self.cols * 8)
+            size = (self.rows * PIXELS_PER_LATENT, self.cols * PIXELS_PER_LATENT)
             labels = torch.nn.functional.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0]
             labels = labels.to(torch.int64)
             rows, cols = size
