@@ -68,6 +68,9 @@ class ModelFamily(ABC):
     name: str = ""
     supported: str = ""  # the models it covers, for error messages: "an SD1.x, SD2.x or SDXL UNet"
     default_layer_count: int = 6  # what "paper default" selects: the last this many layers
+    # Why AD Seamless Tiling cannot make this family's model wrap around the edges exactly, or None
+    # (wrapping convolutions is exact; a transformer's positional encoding does not wrap).
+    seamless_tiling_error: str | None = None
 
     # -- anatomy ------------------------------------------------------------------------------------
     @abstractmethod

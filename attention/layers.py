@@ -8,7 +8,7 @@ import re
 import torch
 
 from .families import family_for
-from .family import AttentionLayer, UnsupportedModelError
+from .family import AttentionLayer, ModelFamily, UnsupportedModelError
 
 PAPER_DEFAULT_LAYER_COUNT = 6
 PAPER_DEFAULT_SPEC = "paper default"
@@ -55,17 +55,21 @@ def parse_layer_spec(spec: str, layer_count: int, default_count: int = PAPER_DEF
     return tuple(sorted(chosen))
 
 
-def list_self_attention_layers(diffusion_model: torch.nn.Module) -> list[AttentionLayer]:
-    """Every layer AD may distill on this model, in its family's counting order (the AD index)."""
+def _family(diffusion_model: torch.nn.Module) -> ModelFamily:
     family = family_for(diffusion_model)
     if family is None:
         raise UnsupportedModelError(f"Attention Distillation cannot read the layers of {type(diffusion_model).__name__}")
-    return family.attention_layers(diffusion_model)
+    return family
+
+
+def list_self_attention_layers(diffusion_model: torch.nn.Module) -> list[AttentionLayer]:
+    """Every layer AD may distill on this model, in its family's counting order (the AD index)."""
+    return _family(diffusion_model).attention_layers(diffusion_model)
 
 
 def select_layers(diffusion_model: torch.nn.Module, spec: str) -> list[AttentionLayer]:
     """The layers a spec names on this model, in execution order."""
-    family = family_for(diffusion_model)
-    layers = list_self_attention_layers(diffusion_model)
+    family = _family(diffusion_model)
+    layers = family.attention_layers(diffusion_model)
     indices = parse_layer_spec(spec, len(layers), family.default_layer_count)
     return [layers[i] for i in indices]

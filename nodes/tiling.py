@@ -20,7 +20,8 @@ def _check_model(model: Any) -> None:
         NODE,
         "'model' must be a MODEL (from Load Checkpoint or a model patch node)",
     )
-    family_of(model.model)
+    family = family_of(model.model)
+    require(family.seamless_tiling_error is None, NODE, family.seamless_tiling_error or "")
 
 
 def _check_vae(vae: Any) -> None:
