@@ -55,7 +55,7 @@ class AttentionLayer(Protocol):
 class FeaturePass(Protocol):
     """One AD forward: features of the selected layers for a model input at a family time."""
 
-    def run(self, model_input: torch.Tensor, time: float, cond: dict[str, torch.Tensor]) -> list:
+    def run(self, model_input: torch.Tensor, time: float, cond: Any) -> list:
         """`LayerRecord`s (attention/recorder.py) of the selected layers, in layer order."""
         ...
 
@@ -85,10 +85,19 @@ class ModelFamily(ABC):
     def attention_layers(self, diffusion_model: torch.nn.Module) -> list[AttentionLayer]:
         """Every attention layer AD may distill, in the reference code's counting order."""
 
+    def default_layers(self, layers: Sequence[AttentionLayer]) -> tuple[int, ...]:
+        """The AD indices "paper default" selects: the last `default_layer_count` layers."""
+        return tuple(layer.ad_index for layer in layers[-self.default_layer_count:])
+
+    def describe_layers(self, layers: Sequence[AttentionLayer]) -> str:
+        """What the layers are, added to layer-selection errors ("" when their count says it all)."""
+        return ""
+
     @abstractmethod
-    def feature_pass(self, base_model: Any, layers: Sequence[AttentionLayer], stop_early: bool = True,
+    def feature_pass(self, patcher: Any, layers: Sequence[AttentionLayer], stop_early: bool = True,
                      checkpoint: bool = False) -> FeaturePass:
-        """The pass recording `layers`; `checkpoint`: block-wise gradient checkpointing when differentiated."""
+        """The pass recording `layers` on the MODEL `patcher` wraps (a family may run the MODEL's own
+        patches inside it, or none); `checkpoint`: block-wise gradient checkpointing when differentiated."""
 
     @abstractmethod
     def needs_inplace_guard(self, diffusion_model: torch.nn.Module) -> bool:
@@ -103,9 +112,8 @@ class ModelFamily(ABC):
         return int(getattr(base_model.latent_format, "latent_channels", 4))
 
     @abstractmethod
-    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-        """Network keyword inputs an AD pass needs from a CONDITIONING (the null text), batched to `latent`."""
+    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor, device: torch.device) -> Any:
+        """What the family's feature pass takes as `cond` from a CONDITIONING (the null text) for `latent`."""
 
     @abstractmethod
     def conditioning_mismatch(self, base_model: Any, conditioning: list) -> str | None:

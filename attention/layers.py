@@ -21,9 +21,12 @@ class LayerSpecError(ValueError):
 _RANGE = re.compile(r"^\s*(-?\d+)\s*(?:(?:-|\.\.)\s*(-?\d+)\s*)?$")
 
 
-def parse_layer_spec(spec: str, layer_count: int, default_count: int = PAPER_DEFAULT_LAYER_COUNT) -> tuple[int, ...]:
-    """Turn "paper default" (the last `default_count` layers), "10-15", "3,5,7" or "64..69" into
-    sorted AD indices.
+def is_paper_default(spec: str) -> bool:
+    return (spec or "").strip().lower() in ("default", PAPER_DEFAULT_SPEC, "paper")
+
+
+def parse_layer_spec(spec: str, layer_count: int) -> tuple[int, ...]:
+    """Turn "paper default" (the last 6 layers), "10-15", "3,5,7" or "64..69" into sorted AD indices.
 
     Ranges are inclusive. Raises `LayerSpecError` naming the valid range of this model.
     """
@@ -33,8 +36,8 @@ def parse_layer_spec(spec: str, layer_count: int, default_count: int = PAPER_DEF
     text = (spec or "").strip().lower()
     if not text:
         raise LayerSpecError(f"the layer selection is empty; use '{PAPER_DEFAULT_SPEC}' or indices ({valid})")
-    if text in ("default", PAPER_DEFAULT_SPEC, "paper"):
-        first = max(0, layer_count - default_count)
+    if is_paper_default(text):
+        first = max(0, layer_count - PAPER_DEFAULT_LAYER_COUNT)
         return tuple(range(first, layer_count))
     chosen: set[int] = set()
     for part in text.split(","):
@@ -71,5 +74,11 @@ def select_layers(diffusion_model: torch.nn.Module, spec: str) -> list[Attention
     """The layers a spec names on this model, in execution order."""
     family = _family(diffusion_model)
     layers = family.attention_layers(diffusion_model)
-    indices = parse_layer_spec(spec, len(layers), family.default_layer_count)
+    try:
+        indices = family.default_layers(layers) if layers and is_paper_default(spec) else parse_layer_spec(spec, len(layers))
+    except LayerSpecError as error:
+        detail = family.describe_layers(layers)
+        if not detail:
+            raise
+        raise LayerSpecError(f"{error} ({detail})") from None
     return [layers[i] for i in indices]

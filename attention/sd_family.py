@@ -77,9 +77,10 @@ class SDUNetFamily(ModelFamily):
     def attention_layers(self, diffusion_model: torch.nn.Module) -> list[SelfAttentionLayer]:
         return list_unet_layers(diffusion_model)
 
-    def feature_pass(self, base_model: Any, layers: Sequence[SelfAttentionLayer], stop_early: bool = True,
+    def feature_pass(self, patcher: Any, layers: Sequence[SelfAttentionLayer], stop_early: bool = True,
                      checkpoint: bool = False) -> UNetFeaturePass:
-        return UNetFeaturePass(base_model, list(layers), stop_early=stop_early, checkpoint=checkpoint)
+        # A fresh options dict per pass: other packs' attn1 patches stay out of the AD features.
+        return UNetFeaturePass(patcher.model, list(layers), stop_early=stop_early, checkpoint=checkpoint)
 
     def needs_inplace_guard(self, diffusion_model: torch.nn.Module) -> bool:
         return transformer_blocks_add_in_place(diffusion_model)

@@ -40,7 +40,7 @@ class ADModelSession:
         self.reference = reference
         self.device = device if device is not None else patcher.load_device
         self.layers: list[AttentionLayer] = select_layers(base.diffusion_model, reference.layer_spec)
-        self.unet_pass = self.family.feature_pass(base, self.layers, checkpoint=gradient_checkpointing)
+        self.unet_pass = self.family.feature_pass(patcher, self.layers, checkpoint=gradient_checkpointing)
         self.model_key = (
             id(base),
             getattr(patcher, "patches_uuid", None),
@@ -64,7 +64,7 @@ class ADModelSession:
             self._ref_latent = self.to_model_space(self.reference.latents)
         return self._ref_latent
 
-    def null_cond(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
+    def null_cond(self, latent: torch.Tensor) -> Any:
         key = (tuple(latent.shape), latent.device)
         if key not in self._cond_cache:
             self._cond_cache[key] = self.family.conditioning(
