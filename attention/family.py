@@ -112,8 +112,15 @@ class ModelFamily(ABC):
         return int(getattr(base_model.latent_format, "latent_channels", 4))
 
     @abstractmethod
-    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor, device: torch.device) -> Any:
-        """What the family's feature pass takes as `cond` from a CONDITIONING (the null text) for `latent`."""
+    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor, device: torch.device,
+                     image_hw: tuple[int, int] | None = None) -> Any:
+        """What the family's feature pass takes as `cond` from a CONDITIONING (the null text) for a pass
+        feeding `latent` while making an image of `image_hw` latent pixels (default: `latent`'s own)."""
+
+    @abstractmethod
+    def conditioning_identity(self, cond: Any) -> tuple:
+        """What of `cond` besides the null text can differ between passes (SDXL: the size vector), by
+        content: part of the feature cache keys, so features are reused only under equal conditioning."""
 
     @abstractmethod
     def conditioning_mismatch(self, base_model: Any, conditioning: list) -> str | None:

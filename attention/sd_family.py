@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .cache import tensor_digest
 from .family import PIXELS_PER_LATENT, ModelFamily
 from .sd_unet import (
     SelfAttentionLayer,
@@ -89,9 +90,13 @@ class SDUNetFamily(ModelFamily):
         pixels = int(latent_shape[-1]) * int(latent_shape[-2]) * PIXELS_PER_LATENT**2
         return has_class_conditioning(base_model.diffusion_model) and pixels >= AUTO_CHECKPOINT_PIXELS
 
-    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-        return conditioning_kwargs(base_model, conditioning, latent, device)
+    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor, device: torch.device,
+                     image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        return conditioning_kwargs(base_model, conditioning, latent, device, image_hw=image_hw)
+
+    def conditioning_identity(self, cond: dict[str, torch.Tensor]) -> tuple:
+        # SD1.x/2.x have nothing but the context, so their features are shared across output sizes.
+        return tuple((name, tensor_digest(value)) for name, value in sorted(cond.items()) if name != "context")
 
     def conditioning_mismatch(self, base_model: Any, conditioning: list) -> str | None:
         width = cross_attention_width(base_model.diffusion_model)

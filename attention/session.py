@@ -48,7 +48,17 @@ class ADModelSession:
             tuple(layer.patch_key for layer in self.layers),
         )
         self._ref_latent: torch.Tensor | None = None
-        self._cond_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._cond_cache: dict[tuple, Any] = {}
+        self._cond_identity: dict[tuple, tuple] = {}
+        self.image_hw: tuple[int, int] | None = None
+
+    def condition_on_image(self, shape: tuple[int, ...] | torch.Size) -> None:
+        """Every AD pass from now on (reference, content, the latent being optimized or a window
+        of it) gets the size conditioning of the image being made, `shape` (its last two dims,
+        latent pixels), whatever the size of the latent that pass feeds: the reference code gives
+        all its passes the output's SDXL time ids (docs/DESIGN.md §2.2). Models without size
+        conditioning (SD1.x/2.x) are unaffected."""
+        self.image_hw = (int(shape[-2]), int(shape[-1]))
 
     # -- inputs -----------------------------------------------------------------
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
@@ -65,22 +75,38 @@ class ADModelSession:
         return self._ref_latent
 
     def null_cond(self, latent: torch.Tensor) -> Any:
-        key = (tuple(latent.shape), latent.device)
+        """The family's empty-prompt inputs for a pass feeding `latent`, sized by `condition_on_image`
+        (a pass outside a declared image is sized by its own latent)."""
+        key = self._cond_key(latent)
         if key not in self._cond_cache:
-            self._cond_cache[key] = self.family.conditioning(
-                self.base_model, self.reference.conditioning, latent.detach().clone(), self.device
+            cond = self.family.conditioning(
+                self.base_model, self.reference.conditioning, latent.detach().clone(), self.device, image_hw=key[1]
             )
+            self._cond_cache[key] = cond
+            self._cond_identity[key] = self.family.conditioning_identity(cond)
         return self._cond_cache[key]
+
+    def cond_identity(self, latent: torch.Tensor) -> tuple:
+        """What a pass's conditioning adds to the reference's own null text, for cache keys (the
+        family's `conditioning_identity`; SDXL: the pooled/size vector `y`, so features for one
+        output size are never reused for another)."""
+        self.null_cond(latent)
+        return self._cond_identity[self._cond_key(latent)]
+
+    def _cond_key(self, latent: torch.Tensor) -> tuple:
+        image_hw = self.image_hw if self.image_hw is not None else (int(latent.shape[-2]), int(latent.shape[-1]))
+        return (tuple(latent.shape), image_hw, latent.device)
 
     # -- passes -----------------------------------------------------------------
     def reference_kv(self, timestep: float, noise: torch.Tensor | None = None, sigma: float = 0.0) -> list[ReferenceKV]:
         """Keys/values of the references at `timestep`, concatenated along tokens.
 
         With `noise`, the reference is noised to `sigma` the family's way (SD: VP form).
-        Cached per (model weights, layers, timestep, noise content, σ).
+        Cached per (model weights, layers, timestep, noise content, σ, size conditioning).
         """
         noise_key = (tensor_digest(noise), round(float(sigma), 7)) if noise is not None else None
-        key = (self.model_key, float(timestep), noise_key, tuple(self.reference_latent.shape))
+        ref_shape = tuple(self.reference_latent.shape)
+        key = (self.model_key, float(timestep), noise_key, ref_shape, self.cond_identity(self.reference_latent))
 
         def compute() -> list[ReferenceKV]:
             ref = self.reference_latent
@@ -109,7 +135,7 @@ class ADModelSession:
 
         if cache_key is None:
             return compute()
-        key = (self.model_key, float(timestep), "content-queries", cache_key)
+        key = (self.model_key, float(timestep), "content-queries", cache_key, self.cond_identity(model_input))
         return self.reference.cache.get_or_compute(key, compute, self.device)
 
     def features(self, model_input: torch.Tensor, timestep: float) -> list[LayerRecord]:

@@ -7,27 +7,36 @@ from typing import Any
 import torch
 
 from .checkpointing import checkpointed_forward
-from .family import UnsupportedModelError, backward_capable_attention, compute_dtype
+from .family import PIXELS_PER_LATENT, UnsupportedModelError, backward_capable_attention, compute_dtype
 from .recorder import AttentionRecorder, LayerRecord, StopForward
 from .sd_unet import SelfAttentionLayer
 
 
-def conditioning_kwargs(base_model: Any, conditioning: list, latent: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def conditioning_kwargs(
+    base_model: Any,
+    conditioning: list,
+    latent: torch.Tensor,
+    device: torch.device,
+    image_hw: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
     """UNet keyword inputs (context, y) for a CONDITIONING, batched to `latent`.
 
     Goes through the model's own `extra_conds`, so SDXL's pooled/size vector is built the
-    way sampling builds it.
+    way sampling builds it. Size keys absent from the conditioning come from `image_hw`, the
+    (rows, cols) in latent pixels of the image being made (default: `latent`'s own), as a
+    sampler takes them from the whole latent it samples.
     """
     if not conditioning:
         raise ValueError("the conditioning is empty; connect CLIPTextEncode with empty text")
     cross_attn, options = conditioning[0][0], dict(conditioning[0][1])
+    rows, cols = image_hw if image_hw is not None else (int(latent.shape[-2]), int(latent.shape[-1]))
     params = dict(options)
     params.update(
         cross_attn=cross_attn,
         device=device,
         noise=latent,
-        width=options.get("width", latent.shape[-1] * 8),
-        height=options.get("height", latent.shape[-2] * 8),
+        width=options.get("width", cols * PIXELS_PER_LATENT),
+        height=options.get("height", rows * PIXELS_PER_LATENT),
     )
     model_conds = base_model.extra_conds(**params)
     if "c_concat" in model_conds:

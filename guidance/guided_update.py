@@ -68,28 +68,50 @@ def ad_guidance_update(
 
     With `windows` (more than one), each window gets this update on its own (AdaIN and a
     fresh Adam, like the reference code's panorama mode) and the results are averaged where
-    windows overlap.
+    windows overlap. Every pass, windows included, is conditioned on the size of the whole
+    latent, the image being made (docs/DESIGN.md §2.2).
 
     Must run inside `ad_pass` (guidance/ad_pass.py).
     """
-    if windows is not None and not is_whole(windows):
-        total = torch.zeros_like(latent, dtype=latent_dtype(latent))
-        for window in windows:
-            part = ad_guidance_update(
-                session,
-                window.crop(latent),
-                sigma,
-                reference_noise,
-                settings,
-                adain_noise=adain_noise,
-                content=window.crop(content) if content is not None else None,
-                content_noise=window.crop(content_noise) if content_noise is not None else None,
-                target_labels=window.crop_labels(target_labels) if target_labels is not None else None,
-                step=step,
-                on_iteration=on_iteration,
-            )
-            window.add_into(total, part.to(total))
-        return total / coverage(windows, *latent.shape[-2:], device=total.device).to(total.dtype)
+    session.condition_on_image(latent.shape)
+    if windows is None or is_whole(windows):
+        return _update_latent(
+            session, latent, sigma, reference_noise, settings, adain_noise, content, content_noise, target_labels,
+            step, on_iteration,
+        )
+    total = torch.zeros_like(latent, dtype=latent_dtype(latent))
+    for window in windows:
+        part = _update_latent(
+            session,
+            window.crop(latent),
+            sigma,
+            reference_noise,
+            settings,
+            adain_noise,
+            window.crop(content) if content is not None else None,
+            window.crop(content_noise) if content_noise is not None else None,
+            window.crop_labels(target_labels) if target_labels is not None else None,
+            step,
+            on_iteration,
+        )
+        window.add_into(total, part.to(total))
+    return total / coverage(windows, *latent.shape[-2:], device=total.device).to(total.dtype)
+
+
+def _update_latent(
+    session: ADModelSession,
+    latent: torch.Tensor,
+    sigma: float,
+    reference_noise: torch.Tensor,
+    settings: GuidanceSettings,
+    adain_noise: torch.Tensor | None,
+    content: torch.Tensor | None,
+    content_noise: torch.Tensor | None,
+    target_labels: torch.Tensor | None,
+    step: int,
+    on_iteration: Callable[[GuidanceIteration], None] | None,
+) -> torch.Tensor:
+    """`ad_guidance_update` of one latent or window, in the session's declared image."""
     sigma = float(sigma)
     optimize = settings.iterations > 0 and settings.lr != 0
     if not optimize and not settings.adain:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from typing import Any
 
 from ..attention.cache import ReferenceKV, tensor_digest
 from ..attention.family import latent_dtype
@@ -111,11 +110,13 @@ def optimize_latent(
     With `windows` (more than one), every iteration back-propagates the AD loss of each window
     on its own, averages the gradients where windows overlap and takes one Adam step: the
     memory of a pass is the window's, whatever the latent's size. `before_window` runs before
-    each window's pass (Cancel: an iteration over many windows can take long).
+    each window's pass (Cancel: an iteration over many windows can take long). Every pass,
+    windows included, is conditioned on the size of the whole latent (docs/DESIGN.md §2.2).
 
     Must run inside `ad_pass` (guidance/ad_pass.py).
     """
     session.reference.cache.begin_run()
+    session.condition_on_image(init.shape)
     x = init.detach().to(latent_dtype(init)).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=settings.lr)
     use_content = content is not None and settings.content_weight != 0

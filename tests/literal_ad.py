@@ -67,14 +67,16 @@ def region_masks(ref_labels, tgt_labels, ref_grids, tgt_grids):
 
 
 def ad_optimize(diffusion_model, reference, init, context, keys, steps, lr, iterations, content=None,
-                content_weight=0.0, ref_labels=None, tgt_labels=None, y=None):
-    """The reference code's optimize(): model-space tensors in, model-space latent out."""
+                content_weight=0.0, ref_labels=None, tgt_labels=None, y=None, y_reference=None):
+    """The reference code's optimize(): model-space tensors in, model-space latent out. `y` is the
+    added conditioning of every pass (SDXL); `y_reference`, if given, replaces it for the reference
+    pass only (not the reference code's rule: for showing what that rule changes)."""
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone() if t.requires_grad else t, lambda t: t):
         x = init.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=lr)
         for t in schedule(steps):
             with torch.no_grad():
-                ref = extract(diffusion_model, reference, t, context, keys, y)
+                ref = extract(diffusion_model, reference, t, context, keys, y if y_reference is None else y_reference)
                 k_ref = [torch.cat(list(k.unbind(0)), dim=1)[None] for _, k, _, _ in ref]
                 v_ref = [torch.cat(list(v.unbind(0)), dim=1)[None] for _, _, v, _ in ref]
                 q_content = [q for q, _, _, _ in extract(diffusion_model, content, t, context, keys, y)] \
