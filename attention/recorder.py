@@ -19,7 +19,9 @@ class LayerRecord:
     """Features of one layer, heads split: tensors are (B, heads, N, dim_head).
 
     k and v are None where the pass did not keep them: a checkpointed differentiated pass
-    returns only what the losses read of the latent being optimized (q and out).
+    returns only what the losses read of the latent being optimized (q and out). The N tokens
+    are `text_tokens` tokens (a DiT's joint text, none on the SD UNet) followed by the image's
+    h×w grid `hw`.
     """
 
     q: torch.Tensor
@@ -27,6 +29,11 @@ class LayerRecord:
     hw: tuple[int, int]
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    text_tokens: int = 0
+
+    def image_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The image tokens' rows of a (B, heads, N, d) feature of this layer."""
+        return tensor[:, :, self.text_tokens :] if self.text_tokens else tensor
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -125,13 +125,13 @@ class ADModelSession:
         return self.reference.cache.get_or_compute(key, compute, self.device)
 
     def queries(self, model_input: torch.Tensor, timestep: float, cache_key: Any = None) -> list[torch.Tensor]:
-        """Queries of a latent (no gradient): the content-loss target. With `cache_key` (which
+        """Queries of a latent's image tokens (no gradient): the content-loss target. With `cache_key` (which
         must identify the latent) they are cached like the reference's keys/values."""
 
         def compute() -> list[torch.Tensor]:
             with torch.no_grad():
                 records = self.unet_pass.run(model_input, timestep, self.null_cond(model_input))
-            return [rec.q.detach() for rec in records]
+            return [rec.image_part(rec.q).detach() for rec in records]
 
         if cache_key is None:
             return compute()

@@ -91,7 +91,7 @@ def ad_objective(
     )
     if content_queries is None:
         return ad, ad, None
-    content = content_loss([r.q for r in records], content_queries)
+    content = content_loss([r.image_part(r.q) for r in records], content_queries)
     return ad + content_weight * content, ad, content
 
 

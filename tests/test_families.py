@@ -1,8 +1,8 @@
 """The model-family seam (docs/DESIGN.md §3): a family is one module behind `ModelFamily`, and guidance/
 runs on any family without knowing it.
 
-A toy family (a one-layer attention network with flow-matching times and AdaIN on packed 2x2 patches,
-the shape of what Flux needs) is registered for the test only; Latent AD Optimize's loop and one guided
+A toy family (a one-layer joint attention over text tokens and image tokens, flow-matching times and
+AdaIN on packed 2x2 patches: the shape of what Flux needs) is registered for the test only; Latent AD Optimize's loop and one guided
 step run on it through the pack and equal a literal implementation written here from direct calls.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ad_helpers import pack_modules
 
 PACK = Path(__file__).resolve().parent.parent
-CHANNELS, HEADS, WIDTH = 4, 2, 8
+CHANNELS, HEADS, WIDTH, TEXT = 4, 2, 8, 2
 TIMES = (0.9, 0.6, 0.3)
 
 
@@ -31,7 +31,8 @@ def mods(pack):
 
 
 class ToyNetwork(torch.nn.Module):
-    """Tokens are latent pixels; one self-attention layer whose input depends on the time."""
+    """TEXT fixed text tokens, then one token per latent pixel; one joint self-attention layer whose
+    input depends on the time."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,9 +40,11 @@ class ToyNetwork(torch.nn.Module):
         self.embed = torch.nn.Parameter(torch.randn(CHANNELS, WIDTH, generator=generator) * 0.5)
         self.time = torch.nn.Parameter(torch.randn(WIDTH, generator=generator))
         self.qkv = torch.nn.Parameter(torch.randn(WIDTH, 3 * WIDTH, generator=generator) * 0.4)
+        self.text = torch.nn.Parameter(torch.randn(TEXT, WIDTH, generator=generator))
 
     def features(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, ...]:
-        tokens = x.flatten(2).transpose(1, 2) @ self.embed + t * self.time
+        image = x.flatten(2).transpose(1, 2) @ self.embed
+        tokens = torch.cat([self.text.expand(x.shape[0], -1, -1), image], dim=1) + t * self.time
         q, k, v = (part.unflatten(-1, (HEADS, WIDTH // HEADS)).transpose(1, 2) for part in (tokens @ self.qkv).chunk(3, -1))
         return q, k, v, F.scaled_dot_product_attention(q, k, v)
 
@@ -59,7 +62,7 @@ def toy_family(mods):
 
         def run(self, model_input, time, cond):
             q, k, v, out = self.network.features(model_input, float(time))
-            return [recorder.LayerRecord(q=q, k=k, v=v, out=out, hw=tuple(model_input.shape[-2:]))]
+            return [recorder.LayerRecord(q=q, k=k, v=v, out=out, hw=tuple(model_input.shape[-2:]), text_tokens=TEXT)]
 
     class ToyFamily(family.ModelFamily):
         name, supported = "toy", "a toy network"
@@ -146,17 +149,20 @@ def test_latent_ad_optimize_runs_on_a_new_family_as_the_literal_algorithm(mods, 
     _, patcher, reference = toy
     network = patcher.model.diffusion_model
     start = torch.randn(1, CHANNELS, 4, 6, generator=torch.Generator().manual_seed(2))
-    settings = mods.optimize.OptimizeSettings(steps=3, lr=0.05, iterations=2, content_weight=0.0)
-    ours = mods.optimize.optimize_on_model(patcher, reference, start, settings)
+    content = torch.randn(1, CHANNELS, 4, 6, generator=torch.Generator().manual_seed(6))
+    settings = mods.optimize.OptimizeSettings(steps=3, lr=0.05, iterations=2, content_weight=0.5)
+    ours = mods.optimize.optimize_on_model(patcher, reference, start, settings, content=content)
 
     x = (start * 0.5).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=0.05)
     for t in TIMES:
         with torch.no_grad():
             _, k_ref, v_ref, _ = network.features(reference.latents * 0.5, t)
+            q_content = network.features(content * 0.5, t)[0][:, :, TEXT:]
         for _ in range(2):
             optimizer.zero_grad()
-            literal_ad_loss(network, x, t, k_ref, v_ref).backward()
+            content_term = (network.features(x, t)[0][:, :, TEXT:] - q_content).abs().mean()
+            (literal_ad_loss(network, x, t, k_ref, v_ref) + 0.5 * content_term).backward()
             optimizer.step()
     expected = x.detach() * 2.0
     assert float((ours - start).abs().max()) > 1e-3, "the optimization moved the latent"
