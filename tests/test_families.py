@@ -25,7 +25,7 @@ TIMES = (0.9, 0.6, 0.3)
 
 @pytest.fixture(scope="module")
 def mods(pack):
-    return pack_modules(family="attention.family", families="attention.families", sd="attention.sd_family",
+    return pack_modules(tiling_node="nodes.tiling", errors="nodes.errors", family="attention.family", families="attention.families", sd="attention.sd_family",
                         recorder="attention.recorder", reference="attention.reference", session="attention.session",
                         ad_pass="guidance.ad_pass", optimize="guidance.optimize", update="guidance.guided_update")
 
@@ -67,6 +67,7 @@ def toy_family(mods):
     class ToyFamily(family.ModelFamily):
         name, supported = "toy", "a toy network"
         adain_dims = (2, 4)
+        seamless_tiling_error = "the toy network's token positions cannot wrap around the edges"
 
         def accepts(self, diffusion_model):
             return isinstance(diffusion_model, ToyNetwork)
@@ -193,6 +194,15 @@ def test_a_guided_step_uses_the_family_times_noising_and_packed_adain(mods, toy)
         optimizer.step()
     torch.testing.assert_close(ours, z.detach(), rtol=1e-6, atol=1e-6)
     assert float((ours - latent).abs().max()) > 1e-2, "AdaIN and Adam moved the latent"
+
+
+def test_nodes_ask_the_family_for_their_messages(mods, toy):
+    _, patcher, _ = toy
+    model = SimpleNamespace(model=patcher.model, clone=lambda: None, add_object_patch=lambda *a: None)
+    vae = SimpleNamespace(patcher=SimpleNamespace(clone=lambda: None, add_object_patch=lambda *a: None),
+                          first_stage_model=torch.nn.Conv2d(1, 1, 3, padding=1))
+    with pytest.raises(mods.errors.ADNodeError, match=r"\[AD Seamless Tiling\] the toy network's token positions"):
+        mods.tiling_node.ADSeamlessTiling().apply(model, vae, "both")
 
 
 def _imported_modules(path: Path) -> set[str]:
