@@ -168,15 +168,27 @@ _FEATURES = ("q", "k", "v", "out")
 class FluxBlockWrapper:
     """The dit replace of one block in one AD forward (see the module docstring)."""
 
-    def __init__(self, state: FluxPassState, key: BlockKey, previous: Callable | None) -> None:
+    def __init__(self, state: FluxPassState, key: BlockKey, block: torch.nn.Module, previous: Callable | None) -> None:
         self.state = state
         self.key = key
+        self.block = block
         self.previous = previous
+
+    def _original(self, args: dict) -> dict:
+        """The block itself, called as ComfyUI's `original_block` calls it. ComfyUI's own
+        `original_block` closes over its loop variable, so it names another block by the time
+        a checkpointed backward recomputes this one."""
+        common = dict(vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
+                      transformer_options=args.get("transformer_options"))
+        if "txt" in args:
+            img, txt = self.block(img=args["img"], txt=args["txt"], **common)
+            return {"img": img, "txt": txt}
+        return {"img": self.block(args["img"], **common)}
 
     def _inner(self, args: dict, extra: dict) -> dict:
         if self.previous is not None:
-            return self.previous(args, extra)
-        return extra["original_block"](args)
+            return self.previous(args, {**extra, "original_block": self._original})
+        return self._original(args)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         options = dict(args.get("transformer_options") or {})
@@ -221,15 +233,15 @@ class FluxBlockWrapper:
 
 
 def wrapped_options(
-    transformer_options: dict | None, state: FluxPassState, blocks: list[BlockKey]
+    transformer_options: dict | None, state: FluxPassState, blocks: dict[BlockKey, torch.nn.Module]
 ) -> dict:
     """A fresh options dict for one AD forward: the model's own options with a wrapper on each
     of `blocks`, chained to any dit replace already there. The model's dicts are not touched."""
     options = dict(transformer_options or {})
     replaces = dict(options.get("patches_replace") or {})
     dit = dict(replaces.get("dit") or {})
-    for key in blocks:
-        dit[key] = FluxBlockWrapper(state, key, dit.get(key))
+    for key, block in blocks.items():
+        dit[key] = FluxBlockWrapper(state, key, block, dit.get(key))
     replaces["dit"] = dit
     options["patches_replace"] = replaces
     return options

@@ -216,7 +216,8 @@ class FluxFeaturePass:
         self.guidance_embed = bool(self.diffusion_model.params.guidance_embed)
         every = list_flux_attention_layers(self.diffusion_model)
         last = self.layers[-1].ad_index if stop_early else len(every) - 1
-        self.wrapped_blocks = [layer.patch_key for layer in every[: last + 1]]
+        modules = {DOUBLE_BLOCK: self.diffusion_model.double_blocks, SINGLE_BLOCK: self.diffusion_model.single_blocks}
+        self.wrapped_blocks = {layer.patch_key: modules[layer.kind][layer.number] for layer in every[: last + 1]}
 
     def run(self, latent: torch.Tensor, sigma: float, cond: FluxNullCondition) -> list[FluxLayerRecord]:
         """Features of the selected blocks for `latent` (B, 16, H, W) at noise level `sigma`."""
