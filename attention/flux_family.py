@@ -2,21 +2,23 @@
 attention layers, the conditioning and parametrization of an AD pass, and that pass.
 
 Layers are counted as the reference code counts its attention calls: the double blocks
-first (0..D-1), then the single blocks (D..D+S-1). Its "paper default" `(50, 57)` on
-FLUX.1 (19 double, 38 single blocks) is the last 7 single blocks; on other depths the
-default is the last 7 single blocks too (all of them where there are fewer).
+first (0..D-1), then the single blocks (D..D+S-1). "paper default" is the last 7 layers:
+the reference's `(50, 57)` on FLUX.1 (19 double, 38 single blocks), i.e. its last 7 single
+blocks, and the last 7 single blocks of every Flux with at least 7 of them.
 
-An AD pass feeds the latent itself at the AD time (flow matching, ComfyUI's CONST
-parametrization: the model input is x, the timestep is the model's own `timestep(σ)`, which
-is σ on Flux), with the null text, the null pooled vector and guidance 1.0 whatever the null
-conditioning carries (dev embeds guidance, schnell has no guidance input).
+An AD pass feeds the latent itself (flow matching, ComfyUI's CONST parametrization: the
+model input is x) at the network time of the AD noise level (`feature_time`; σ itself on
+Flux), with the null text, the null pooled vector and guidance 1.0 whatever the null
+conditioning carries (dev embeds guidance, schnell has no guidance input). The pass guards
+the in-place residual adds of Flux blocks itself (attention/flux_blocks.py), so callers need
+no global saved-tensor guard; block checkpointing pays off at Flux sizes, so "auto" means on.
 
 Null text. The reference code encodes "" padded to 512 T5 tokens; ComfyUI's Flux tokenizer
 pads to 256. ComfyUI's T5 attends over the pad tokens without a mask, so every output
 depends on the padded length: a 256-token encoding cannot be extended to the reference's
-afterwards. The pass therefore uses the null conditioning exactly as given and reports its
-token count; to match the reference, encode "" with `null_text_tokenizer_options()` (what
-ComfyUI's own T5TokenizerOptions node sets, min_length 512).
+afterwards. The pass therefore uses the null conditioning exactly as given (its text tokens
+are in the features); to match the reference, encode "" with `null_text_tokenizer_options()`
+(what ComfyUI's own T5TokenizerOptions node sets, min_length 512).
 """
 
 from __future__ import annotations
@@ -122,11 +124,8 @@ def describe_layers(layers: list[FluxAttentionLayer]) -> str:
 
 
 def paper_default_indices(layers: list[FluxAttentionLayer]) -> tuple[int, ...]:
-    """The last 7 single blocks (the reference's `(50, 57)` on FLUX.1); all single blocks
-    where there are fewer; the last 7 layers of a model without single blocks."""
-    single = [layer.ad_index for layer in layers if layer.kind == SINGLE_BLOCK]
-    pool = single or [layer.ad_index for layer in layers]
-    return tuple(pool[-FLUX_PAPER_DEFAULT_COUNT:])
+    """The last 7 layers: the reference's `(50, 57)` on FLUX.1 (its last 7 single blocks)."""
+    return tuple(layer.ad_index for layer in layers[-FLUX_PAPER_DEFAULT_COUNT:])
 
 
 def parse_flux_layer_spec(spec: str, layers: list[FluxAttentionLayer]) -> tuple[int, ...]:
@@ -152,22 +151,7 @@ def null_text_tokenizer_options() -> dict[str, int]:
     return {"t5xxl_min_length": REFERENCE_T5_TOKENS}
 
 
-@dataclass(frozen=True)
-class FluxNullCondition:
-    """The null conditioning of every AD pass: T5 tokens (1, T, C) and the pooled CLIP-L vector."""
-
-    context: torch.Tensor
-    pooled: torch.Tensor
-
-    @property
-    def text_tokens(self) -> int:
-        return int(self.context.shape[1])
-
-
-def flux_null_condition(conditioning: list, device: torch.device) -> FluxNullCondition:
-    """The first entry of a CONDITIONING (CLIPTextEncode of "" with a Flux CLIP). Its
-    `guidance` is ignored (AD passes use 1.0); a Flux Kontext reference latent on it is not
-    the AD reference and stays out of the AD passes."""
+def _null_parts(conditioning: list) -> tuple[torch.Tensor, torch.Tensor]:
     if not conditioning:
         raise ValueError("the null conditioning is empty; connect CLIPTextEncode with empty text and a Flux CLIP")
     context, options = conditioning[0][0], conditioning[0][1]
@@ -177,9 +161,63 @@ def flux_null_condition(conditioning: list, device: torch.device) -> FluxNullCon
             "the null conditioning has no pooled output; encode the empty prompt with a Flux CLIP "
             "(DualCLIPLoader type flux: clip_l and t5xxl)"
         )
-    return FluxNullCondition(
-        context=context[:1].detach().clone().to(device), pooled=pooled[:1].detach().clone().to(device)
-    )
+    return context, pooled
+
+
+def flux_conditioning_mismatch(base_model: Any, conditioning: list) -> str | None:
+    """Why `conditioning` cannot drive this model's AD passes (another model's text encoder), or None."""
+    context, pooled = _null_parts(conditioning)
+    params = base_model.diffusion_model.params
+    if int(context.shape[-1]) != int(params.context_in_dim) or int(pooled.shape[-1]) != int(params.vec_in_dim):
+        return (f"the empty-prompt conditioning has {context.shape[-1]}-wide text tokens and a {pooled.shape[-1]}-wide "
+                f"pooled vector, but this Flux model takes {params.context_in_dim} and {params.vec_in_dim} "
+                "(T5-XXL and CLIP-L); encode it with a Flux CLIP")
+    return None
+
+
+def flux_conditioning(base_model: Any, conditioning: list, latent: torch.Tensor,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """Network inputs of an AD pass from the null CONDITIONING, batched to `latent`: T5 tokens
+    `context` (B, T, C), pooled CLIP-L `y`, and `guidance` 1.0 where the model embeds guidance.
+    The conditioning's own guidance is ignored; a Flux Kontext reference latent on it is not
+    the AD reference and stays out of the AD passes."""
+    mismatch = flux_conditioning_mismatch(base_model, conditioning)
+    if mismatch is not None:
+        raise ValueError(mismatch)
+    context, pooled = _null_parts(conditioning)
+    batch = latent.shape[0]
+    cond = {
+        "context": context[:1].detach().clone().to(device).expand(batch, -1, -1),
+        "y": pooled[:1].detach().clone().to(device).expand(batch, -1),
+    }
+    if bool(base_model.diffusion_model.params.guidance_embed):
+        cond["guidance"] = torch.ones(batch, device=device)
+    return cond
+
+
+def feature_time(model_sampling: Any, sigma: float) -> tuple[float, float]:
+    """(network time, noise level) of features at σ: the model's own `timestep(σ)` (σ on Flux);
+    σ = 0, the last step, is the clean latent at time 0."""
+    time = model_sampling.timestep(torch.tensor([float(sigma)], dtype=torch.float32))
+    return float(time.reshape(-1)[0]), float(sigma)
+
+
+def flow_noised(clean: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A clean latent noised to σ as the model input: σ·ε + (1 − σ)·x0 (ComfyUI's CONST)."""
+    return sigma * noise.to(clean) + (1.0 - sigma) * clean
+
+
+PATCH = 2
+ADAIN_DIMS = (2, 4)  # the token dims of `packed_view`: AdaIN statistics of one packed channel
+
+
+def packed_view(latent: torch.Tensor) -> torch.Tensor:
+    """(B, 16, H, W) as (B, 16, H/2, 2, W/2, 2): Flux's tokens are 2×2 patches, so a packed
+    channel (latent channel, patch row, patch column) is dims 1, 3, 5 and its tokens dims 2, 4."""
+    batch, channels, height, width = latent.shape
+    if height % PATCH or width % PATCH:
+        raise ValueError(f"a Flux latent needs even height and width, got {height}x{width}")
+    return latent.reshape(batch, channels, height // PATCH, PATCH, width // PATCH, PATCH)
 
 
 def image_token_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -213,35 +251,37 @@ class FluxFeaturePass:
         self.checkpoint = checkpoint
         self.transformer_options = transformer_options
         self.dtype = unet_dtype(base_model)
-        self.guidance_embed = bool(self.diffusion_model.params.guidance_embed)
         every = list_flux_attention_layers(self.diffusion_model)
         last = self.layers[-1].ad_index if stop_early else len(every) - 1
         modules = {DOUBLE_BLOCK: self.diffusion_model.double_blocks, SINGLE_BLOCK: self.diffusion_model.single_blocks}
         self.wrapped_blocks = {layer.patch_key: modules[layer.kind][layer.number] for layer in every[: last + 1]}
 
-    def run(self, latent: torch.Tensor, sigma: float, cond: FluxNullCondition) -> list[FluxLayerRecord]:
-        """Features of the selected blocks for `latent` (B, 16, H, W) at noise level `sigma`."""
-        batch, _, height, width = latent.shape
+    def run(self, model_input: torch.Tensor, time: float, cond: dict[str, torch.Tensor]) -> list[FluxLayerRecord]:
+        """Features of the selected blocks for `model_input` (B, 16, H, W; the latent itself) at
+        network `time` (`feature_time`), with `cond` from `flux_conditioning`."""
+        batch, _, height, width = model_input.shape
         patch = int(self.diffusion_model.patch_size)
+        context = cond["context"]
         state = FluxPassState(
             selected=self.keys,
             hw=image_token_grid(height, width, patch),
-            text_tokens=cond.text_tokens,
+            text_tokens=int(context.shape[1]),
             stop_early=self.stop_early,
             checkpoint=self.checkpoint,
         )
         options = wrapped_options(self.transformer_options, state, self.wrapped_blocks)
-        sampling = self.base_model.model_sampling
-        sigmas = torch.full((batch,), float(sigma), device=latent.device, dtype=torch.float32)
-        model_input = sampling.calculate_input(sigmas, latent).to(self.dtype)
-        timesteps = sampling.timestep(sigmas).float()
-        context = cond.context.to(latent.device, self.dtype).expand(batch, -1, -1)
-        pooled = cond.pooled.to(latent.device, self.dtype).expand(batch, -1)
-        guidance = torch.ones(batch, device=latent.device, dtype=self.dtype) if self.guidance_embed else None
+        device = model_input.device
+
+        def batched(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, self.dtype)
+            return t if t.shape[0] == batch else t[:1].expand(batch, *t.shape[1:])
+
+        guidance = cond.get("guidance")
         try:
             self.diffusion_model(
-                model_input, timesteps, context, y=pooled, guidance=guidance, control=None,
-                transformer_options=options,
+                model_input.to(self.dtype), torch.full((batch,), float(time), device=device), batched(context),
+                y=batched(cond["y"]), guidance=batched(guidance) if guidance is not None else None,
+                control=None, transformer_options=options,
             )
         except StopForward:
             pass

@@ -33,12 +33,12 @@ def _ad_pass_with_backward(patcher, checkpoint: bool = True) -> list:
     base = patcher.model
     layers = ff.select_flux_layers(base.diffusion_model, "paper default")
     options = patcher.model_options["transformer_options"]
-    cond = ff.flux_null_condition(tf.null_conditioning(), torch.device("cpu"))
+    time, cond = tf.pass_inputs(base, tf.latent(), SIGMA)
     with autograd_through(base.diffusion_model):
         with torch.no_grad():
-            refs = ff.FluxFeaturePass(base, layers, transformer_options=options).run(tf.latent(seed=3), SIGMA, cond)
+            refs = ff.FluxFeaturePass(base, layers, transformer_options=options).run(tf.latent(seed=3), time, cond)
         x = tf.latent(seed=4).requires_grad_(True)
-        records = ff.FluxFeaturePass(base, layers, checkpoint=checkpoint, transformer_options=options).run(x, SIGMA, cond)
+        records = ff.FluxFeaturePass(base, layers, checkpoint=checkpoint, transformer_options=options).run(x, time, cond)
         loss = ad_loss([r.q for r in records], [r.out for r in records], [r.k for r in refs], [r.v for r in refs])
         loss.backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

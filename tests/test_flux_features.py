@@ -78,7 +78,7 @@ def _direct(block, kind: str, inputs: dict, ids: torch.Tensor) -> dict:
     return {"q": q, "k": k, "v": v, "out": F.scaled_dot_product_attention(q, k, v)}
 
 
-def _capture_inputs(base, x, cond, guidance: float):
+def _capture_inputs(base, x, conditioning, guidance: float):
     """Block inputs of a plain forward through ComfyUI's `apply_model` at σ (the sampler's call)."""
     captured = {}
 
@@ -92,8 +92,9 @@ def _capture_inputs(base, x, cond, guidance: float):
     options = {"patches_replace": {"dit": {key: capture(key) for key in keys}}}
     with torch.no_grad():
         base.apply_model(
-            x, torch.full((x.shape[0],), SIGMA, dtype=x.dtype), c_crossattn=cond.context.expand(x.shape[0], -1, -1),
-            y=cond.pooled.expand(x.shape[0], -1), guidance=torch.tensor([guidance]), transformer_options=options,
+            x, torch.full((x.shape[0],), SIGMA, dtype=x.dtype), c_crossattn=conditioning[0][0].expand(x.shape[0], -1, -1),
+            y=conditioning[0][1]["pooled_output"].expand(x.shape[0], -1), guidance=torch.tensor([guidance]),
+            transformer_options=options,
         )
     return captured
 
@@ -105,11 +106,11 @@ def test_recorded_features_equal_the_direct_computation(pack, kind):
     with torch.inference_mode():
         patcher = tf.build(kind, dtype=torch.float64)
         base = patcher.model
-        cond = ff.flux_null_condition(tf.null_conditioning(dtype=torch.float64, guidance=7.0), torch.device("cpu"))
+        conditioning = tf.null_conditioning(dtype=torch.float64, guidance=7.0)
         x = tf.latent(batch=2, dtype=torch.float64)
         layers = ff.select_flux_layers(base.diffusion_model, "0,1,3,4")
-        records = ff.FluxFeaturePass(base, layers).run(x, SIGMA, cond)
-        inputs = _capture_inputs(base, x, cond, guidance=1.0)
+        records = ff.FluxFeaturePass(base, layers).run(x, *tf.pass_inputs(base, x, SIGMA, conditioning))
+        inputs = _capture_inputs(base, x, conditioning, guidance=1.0)
     ids = _positions(tf.TEXT_TOKENS, (4, 3), 2, torch.float64)
     blocks = {"double_block": base.diffusion_model.double_blocks, "single_block": base.diffusion_model.single_blocks}
     for layer, record in zip(layers, records, strict=True):
@@ -138,10 +139,10 @@ def test_guidance_is_one_whatever_the_null_conditioning_carries(pack):
         feature_pass = ff.FluxFeaturePass(base, ff.select_flux_layers(base.diffusion_model, "4"))
         runs = {}
         for guidance in (None, 3.5, 1.0):
-            cond = ff.flux_null_condition(tf.null_conditioning(guidance=guidance, dtype=torch.float64), torch.device("cpu"))
-            runs[guidance] = feature_pass.run(x, SIGMA, cond)[0].q
-        at_35 = _capture_inputs(base, x, cond, guidance=3.5)[("single_block", 2)]
-        at_1 = _capture_inputs(base, x, cond, guidance=1.0)[("single_block", 2)]
+            conditioning = tf.null_conditioning(guidance=guidance, dtype=torch.float64)
+            runs[guidance] = feature_pass.run(x, *tf.pass_inputs(base, x, SIGMA, conditioning))[0].q
+        at_35 = _capture_inputs(base, x, conditioning, guidance=3.5)[("single_block", 2)]
+        at_1 = _capture_inputs(base, x, conditioning, guidance=1.0)[("single_block", 2)]
     assert torch.equal(runs[None], runs[3.5]) and torch.equal(runs[None], runs[1.0])
     assert not torch.allclose(at_35["vec"], at_1["vec"])
 
@@ -164,21 +165,34 @@ def test_forward_stops_after_the_last_selected_block(pack):
         handle = final.register_forward_hook(lambda *a: calls.append("final_layer"))
         try:
             options = patcher.model_options["transformer_options"]
-            cond = ff.flux_null_condition(tf.null_conditioning(), torch.device("cpu"))
+            inputs = tf.pass_inputs(base, tf.latent(), SIGMA)
             layers = ff.select_flux_layers(base.diffusion_model, "0,3")
-            ff.FluxFeaturePass(base, layers, transformer_options=options).run(tf.latent(), SIGMA, cond)
+            ff.FluxFeaturePass(base, layers, transformer_options=options).run(tf.latent(), *inputs)
             assert calls == []
-            ff.FluxFeaturePass(base, layers, stop_early=False, transformer_options=options).run(tf.latent(), SIGMA, cond)
+            ff.FluxFeaturePass(base, layers, stop_early=False, transformer_options=options).run(tf.latent(), *inputs)
             assert calls == ["single_block 2", "final_layer"]
         finally:
             handle.remove()
 
 
-def test_null_condition_errors_are_clear(pack):
+def test_conditioning_is_batched_and_bad_conditioning_gets_clear_errors(pack):
     from attention_distillation_pack.attention import flux_family as ff
+    import tiny_models as tm
 
+    with torch.inference_mode():
+        dev, schnell = tf.build("dev").model, tf.build("schnell").model
+    x = tf.latent(batch=3)
+    cond = ff.flux_conditioning(dev, tf.null_conditioning(guidance=3.5), x, torch.device("cpu"))
+    assert cond["context"].shape == (3, tf.TEXT_TOKENS, 32) and cond["y"].shape == (3, 24)
+    assert torch.equal(cond["guidance"], torch.ones(3))
+    assert "guidance" not in ff.flux_conditioning(schnell, tf.null_conditioning(), x, torch.device("cpu"))
+    assert ff.feature_time(dev.model_sampling, 0.25) == (0.25, 0.25)
+    assert ff.feature_time(schnell.model_sampling, 0.0) == (0.0, 0.0)
     with pytest.raises(ValueError, match="no pooled output"):
-        ff.flux_null_condition([[torch.zeros(1, 4, 32), {}]], torch.device("cpu"))
+        ff.flux_conditioning(dev, [[torch.zeros(1, 4, 32), {}]], x, torch.device("cpu"))
     with pytest.raises(ValueError, match="empty"):
-        ff.flux_null_condition([], torch.device("cpu"))
+        ff.flux_conditioning(dev, [], x, torch.device("cpu"))
+    sd_text = [[tm.conditioning("sdxl")[0][0], {"pooled_output": torch.zeros(1, 1280)}]]
+    assert "encode it with a Flux CLIP" in ff.flux_conditioning_mismatch(dev, sd_text)
+    assert ff.flux_conditioning_mismatch(dev, tf.null_conditioning()) is None
     assert ff.null_text_tokenizer_options() == {"t5xxl_min_length": 512}

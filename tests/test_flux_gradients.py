@@ -39,17 +39,17 @@ def _objective(patcher, checkpoint: bool, options: dict | None = None, seed: int
     layers = ff.select_flux_layers(base.diffusion_model, SPEC)
     differentiated = ff.FluxFeaturePass(base, layers, checkpoint=checkpoint, transformer_options=options)
     fixed_pass = ff.FluxFeaturePass(base, layers, transformer_options=options)
-    cond = ff.flux_null_condition(tf.null_conditioning(dtype=dtype), torch.device("cpu"))
+    time, cond = tf.pass_inputs(base, tf.latent(), SIGMA, tf.null_conditioning(dtype=dtype))
     generator = torch.Generator().manual_seed(seed)
     reference = torch.randn(1, 16, 6, 8, generator=generator).to(torch.float64)
     content = torch.randn(1, 16, 8, 6, generator=generator).to(torch.float64)
     with torch.no_grad():
-        refs = fixed_pass.run(reference, SIGMA, cond)
-        fixed = fixed_pass.run(content, SIGMA, cond)
+        refs = fixed_pass.run(reference, time, cond)
+        fixed = fixed_pass.run(content, time, cond)
         targets = [attention_target(c.q, r.k, r.v) for c, r in zip(fixed, refs)]
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        records = differentiated.run(x, SIGMA, cond)
+        records = differentiated.run(x, time, cond)
         ad = sum((r.out - t).abs().mean() for r, t in zip(records, targets))
         content_q = content_loss([r.image_part(r.q) for r in records], [c.image_part(c.q) for c in fixed])
         return ad + 0.3 * content_q + 0.1 * content_loss([r.k for r in records], [c.k for c in fixed])

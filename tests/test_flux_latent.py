@@ -1,5 +1,5 @@
-"""Flux latent math (plain torch): AdaIN on packed channels, as the reference code applies it
-to its packed (B, tokens, 64) latent, and flow-matching noising as ComfyUI's CONST does it."""
+"""Flux latent math: AdaIN on packed channels, as the reference code applies it to its packed
+(B, tokens, 64) latent, and flow-matching noising as ComfyUI's CONST does it."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_packed_adain_refuses_odd_sizes(pack):
 
 def test_flow_noised_is_comfyui_const_noise_scaling(pack):
     import comfy.model_sampling
-    from attention_distillation_pack.guidance.flux_latent import flow_noised
+    from attention_distillation_pack.attention.flux_family import flow_noised
 
     generator = torch.Generator().manual_seed(1)
     latent, noise = torch.randn(2, 16, 4, 4, generator=generator), torch.randn(2, 16, 4, 4, generator=generator)

@@ -70,7 +70,7 @@ def test_explicit_specs_and_out_of_range_errors_name_the_valid_range(pack):
 @pytest.mark.parametrize("kind", ["dev", "schnell"])
 def test_tiny_models_walk_from_the_loaded_model(pack, kind):
     """Counts come from the model, not from FLUX.1's numbers: 2 double + 3 single blocks;
-    with fewer than 7 single blocks the default is all of them."""
+    with fewer than 7 layers the default is all of them."""
     ff = _family()
     with torch.inference_mode():
         patcher = tf.build(kind)
@@ -80,22 +80,22 @@ def test_tiny_models_walk_from_the_loaded_model(pack, kind):
     layers = ff.list_flux_attention_layers(model.diffusion_model)
     assert [layer.patch_key for layer in layers] == [
         ("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1), ("single_block", 2)]
-    assert ff.parse_flux_layer_spec("paper default", layers) == (2, 3, 4)
+    assert ff.parse_flux_layer_spec("paper default", layers) == (0, 1, 2, 3, 4)
     assert "5 attention layers: double blocks 0-1, single blocks 2-4" in ff.describe_layers(layers)
 
 
 def test_paper_default_rule_on_other_depths(pack):
-    """The rule, stated without a model: the last 7 single blocks, all where fewer, the last
-    7 layers of a model without single blocks."""
+    """The rule, stated without a model: the last 7 layers, which are the last 7 single
+    blocks wherever there are at least 7 (every released Flux)."""
     ff = _family()
 
     def layers(double: int, single: int):
         kinds = [("double_block", i) for i in range(double)] + [("single_block", j) for j in range(single)]
         return [ff.FluxAttentionLayer(n, kind, i, 4, 16) for n, (kind, i) in enumerate(kinds)]
 
-    assert ff.paper_default_indices(layers(8, 20)) == tuple(range(21, 28))
-    assert ff.paper_default_indices(layers(4, 3)) == (4, 5, 6)
-    assert ff.paper_default_indices(layers(9, 0)) == tuple(range(2, 9))
+    assert ff.paper_default_indices(layers(8, 38)) == tuple(range(39, 46))
+    assert ff.paper_default_indices(layers(4, 3)) == tuple(range(7))
+    assert ff.paper_default_indices(layers(1, 2)) == (0, 1, 2)
 
 
 @tf.requires_flux_host

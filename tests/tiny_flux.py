@@ -99,3 +99,12 @@ def null_conditioning(seed: int = 1, tokens: int = TEXT_TOKENS, guidance: float 
 
 def latent(seed: int = 2, batch: int = 1, height: int = 8, width: int = 6, dtype: torch.dtype = torch.float32):
     return torch.randn(batch, 16, height, width, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def pass_inputs(base, latent: torch.Tensor, sigma: float, conditioning: list | None = None) -> tuple[float, dict]:
+    """(network time, AD conditioning) of a Flux AD pass at σ, through the family's functions."""
+    from attention_distillation_pack.attention import flux_family as ff
+
+    time, _ = ff.feature_time(base.model_sampling, sigma)
+    conditioning = conditioning if conditioning is not None else null_conditioning(dtype=latent.dtype)
+    return time, ff.flux_conditioning(base, conditioning, latent, torch.device("cpu"))
