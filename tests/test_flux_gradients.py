@@ -57,13 +57,15 @@ def _objective(patcher, checkpoint: bool, options: dict | None = None, seed: int
     return loss
 
 
-def _lora_patched(kind: str = "dev", dtype: torch.dtype = torch.float64):
+def _lora_patched(kind: str = "dev", dtype: torch.dtype = torch.float64, lowvram: bool = False):
+    """LoRA on every 2-D block weight through ComfyUI's loader, patched inside inference mode;
+    `lowvram`: every op casts per call and applies the LoRA on the fly (LowVramPatch)."""
     import comfy.sd
 
     with torch.inference_mode():
         base = tf.build(kind, dtype=dtype)
         patched, _ = comfy.sd.load_lora_for_models(base, None, tm.lora_state_dict(base, match="blocks"), 1.0, 0.0)
-        patched.patch_model(device_to=torch.device("cpu"))
+        patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1 if lowvram else 0)
     assert len(patched.patches) > 0
     return patched
 
@@ -107,6 +109,22 @@ def test_gradient_matches_finite_differences_with_lora(pack, kind, checkpoint):
     finally:
         with torch.inference_mode():
             patcher.unpatch_model(device_to=torch.device("cpu"))
+
+
+@tf.requires_flux_host
+def test_lowvram_loading_gives_the_same_gradient(pack):
+    x0 = tf.latent(seed=7, dtype=torch.float64)
+    grads = []
+    for lowvram in (False, True):
+        patcher = _lora_patched(lowvram=lowvram)
+        on_the_fly = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "weight_function", None)]
+        assert bool(on_the_fly) is lowvram
+        try:
+            grads.append(_gradient(patcher, x0, checkpoint=True)[0])
+        finally:
+            with torch.inference_mode():
+                patcher.unpatch_model(device_to=torch.device("cpu"))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-13)
 
 
 @tf.requires_flux_host
