@@ -32,7 +32,7 @@ import torch
 from .flux_blocks import BlockKey, FluxLayerRecord, FluxPassState, wrapped_options
 from .layers import PAPER_DEFAULT_SPEC, LayerSpecError, parse_layer_spec
 from .recorder import StopForward
-from .unet_pass import UnsupportedModelError, unet_dtype
+from .family import UnsupportedModelError, compute_dtype
 
 FLUX_PAPER_DEFAULT_COUNT = 7
 REFERENCE_T5_TOKENS = 512
@@ -250,7 +250,7 @@ class FluxFeaturePass:
         self.stop_early = stop_early
         self.checkpoint = checkpoint
         self.transformer_options = transformer_options
-        self.dtype = unet_dtype(base_model)
+        self.dtype = compute_dtype(base_model)
         every = list_flux_attention_layers(self.diffusion_model)
         last = self.layers[-1].ad_index if stop_early else len(every) - 1
         modules = {DOUBLE_BLOCK: self.diffusion_model.double_blocks, SINGLE_BLOCK: self.diffusion_model.single_blocks}
