@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from .family import ModelFamily, UnsupportedModelError
+from .flux_family import FLUX
 from .sd_family import SD_UNET
 
-FAMILIES: tuple[ModelFamily, ...] = (SD_UNET,)
+FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX)
 
 
 def family_for(diffusion_model: torch.nn.Module | None) -> ModelFamily | None:

@@ -149,6 +149,9 @@ class ModelFamily(ABC):
 
     # -- AdaIN ----------------------------------------------------------------------------------------
     adain_dims: tuple[int, ...] = (2, 3)  # statistics of one channel, per sample, over these dims
+    # True: a guided step's AdaIN target is the reference noised with the same noise as its features
+    # (Flux's reference code); False: with noise of its own (the SD reference code draws it anew).
+    adain_shares_reference_noise: bool = False
 
     def adain_view(self, latent: torch.Tensor) -> torch.Tensor:
         """`latent` viewed so that AdaIN's channel statistics are over `adain_dims` (SD: as is)."""

@@ -1,144 +1,67 @@
-"""The Flux family (FLUX.1-dev, FLUX.1-schnell and other `comfy.ldm.flux` models): its
-attention layers, the conditioning and parametrization of an AD pass, and that pass.
+"""The Flux family (FLUX.1-dev, FLUX.1-schnell and other `comfy.ldm.flux.model.Flux` models): ComfyUI's
+Flux transformer, its double then single blocks, flow matching / CONST (docs/DESIGN.md §2.7 and §3).
 
-Layers are counted as the reference code counts its attention calls: the double blocks
-first (0..D-1), then the single blocks (D..D+S-1). "paper default" is the last 7 layers:
-the reference's `(50, 57)` on FLUX.1 (19 double, 38 single blocks), i.e. its last 7 single
-blocks, and the last 7 single blocks of every Flux with at least 7 of them.
-
-An AD pass feeds the latent itself (flow matching, ComfyUI's CONST parametrization: the
-model input is x) at the network time of the AD noise level (`feature_time`; σ itself on
-Flux), with the null text, the null pooled vector and guidance 1.0 whatever the null
-conditioning carries (dev embeds guidance, schnell has no guidance input). The pass guards
-the in-place residual adds of Flux blocks itself (attention/flux_blocks.py), so callers need
-no global saved-tensor guard; block checkpointing pays off at Flux sizes, so "auto" means on.
-
-Null text. The reference code encodes "" padded to 512 T5 tokens; ComfyUI's Flux tokenizer
-pads to 256. ComfyUI's T5 attends over the pad tokens without a mask, so every output
-depends on the padded length: a 256-token encoding cannot be extended to the reference's
-afterwards. The pass therefore uses the null conditioning exactly as given (its text tokens
-are in the features); to match the reference, encode "" with `null_text_tokenizer_options()`
-(what ComfyUI's own T5TokenizerOptions node sets, min_length 512).
+Anatomy and conditioning are attention/flux_model.py, the AD forward attention/flux_pass.py; this module
+answers the `ModelFamily` interface with them. Chroma (`comfy.ldm.chroma`) is another class without the
+pooled CLIP-L input and is not accepted.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .flux_blocks import BlockKey, FluxLayerRecord, FluxPassState, wrapped_options
-from .layers import PAPER_DEFAULT_SPEC, LayerSpecError, parse_layer_spec
-from .recorder import StopForward
-from .family import UnsupportedModelError, compute_dtype
-
-FLUX_PAPER_DEFAULT_COUNT = 7
-REFERENCE_T5_TOKENS = 512
-HOST_MESSAGE = (
-    "Flux needs ComfyUI v0.3.64 or newer: this ComfyUI has no attention override in its Flux blocks, "
-    "so Attention Distillation cannot read them; update ComfyUI"
+from .family import ModelFamily
+from .flux_model import (
+    ADAIN_DIMS,
+    FLUX_PAPER_DEFAULT_COUNT,
+    REFERENCE_T5_TOKENS,
+    FluxAttentionLayer,
+    check_flux_model,
+    describe_layers,
+    feature_time,
+    flow_noised,
+    flux_conditioning,
+    flux_conditioning_mismatch,
+    host_supports_flux,
+    is_flux,
+    list_flux_attention_layers,
+    null_text_tokenizer_options,
+    packed_view,
 )
-DOUBLE_BLOCK = "double_block"
-SINGLE_BLOCK = "single_block"
+from .flux_pass import FluxFeaturePass
+from .layer_spec import LayerSpecError, is_paper_default, parse_layer_spec
+
+__all__ = ["FLUX", "FluxAttentionLayer", "FluxFamily", "FluxFeaturePass", "REFERENCE_T5_TOKENS", "check_flux_model",
+           "describe_layers", "feature_time", "flow_noised", "flux_conditioning", "flux_conditioning_mismatch",
+           "host_supports_flux", "list_flux_attention_layers", "null_text_tokenizer_options", "packed_view",
+           "paper_default_indices", "parse_flux_layer_spec", "select_flux_layers"]
+
+TILING_MESSAGE = (
+    "Flux cannot be made to tile seamlessly: its transformer places every image token by RoPE positions "
+    "that run from one edge to the other and do not wrap around, so wrapping the VAE alone would leave a "
+    "seam. Use AD Texture Windows for large Flux textures, or an SD1.x/SDXL model for seamless ones"
+)
 
 
-def host_supports_flux() -> bool:
-    """True where ComfyUI's Flux attention passes `transformer_options` to an attention
-    function that honours `optimized_attention_override` (v0.3.64)."""
-    import comfy.ldm.modules.attention as attention
-
-    try:
-        import comfy.ldm.flux.math as flux_math
-    except ImportError:
-        return False
-    takes_options = "transformer_options" in inspect.signature(flux_math.attention).parameters
-    return takes_options and hasattr(attention, "wrap_attn")
-
-
-def is_flux(diffusion_model: Any) -> bool:
-    try:
-        from comfy.ldm.flux.model import Flux
-    except ImportError:
-        return False
-    return isinstance(diffusion_model, Flux)
-
-
-def check_flux_model(base_model: Any) -> None:
-    """Raise `UnsupportedModelError` unless AD can run on this Flux MODEL in this ComfyUI."""
-    if not host_supports_flux():
-        raise UnsupportedModelError(HOST_MESSAGE)
-    diffusion_model = getattr(base_model, "diffusion_model", None)
-    if not is_flux(diffusion_model):
-        raise UnsupportedModelError(f"the MODEL is {type(base_model).__name__}, not a Flux model")
-    import comfy.model_sampling
-
-    if not isinstance(base_model.model_sampling, comfy.model_sampling.CONST):
-        raise UnsupportedModelError("this Flux MODEL is not a flow-matching (CONST) model; Flux AD needs one")
-    patch = int(diffusion_model.patch_size)
-    in_channels = int(diffusion_model.img_in.weight.shape[1]) // (patch * patch)
-    out_channels = int(diffusion_model.params.out_channels)
-    if in_channels != out_channels:
-        raise UnsupportedModelError(
-            f"this Flux model takes {in_channels} latent channels but makes {out_channels} (Fill, Canny or Depth "
-            "model, or a control LoRA); AD needs a text-to-image Flux model"
-        )
-
-
-@dataclass(frozen=True)
-class FluxAttentionLayer:
-    """One Flux block's joint attention, in the order the reference code counts it."""
-
-    ad_index: int
-    kind: str
-    number: int
-    heads: int
-    dim_head: int
-
-    @property
-    def patch_key(self) -> BlockKey:
-        """The key ComfyUI looks up in `patches_replace["dit"]`."""
-        return (self.kind, self.number)
-
-
-def list_flux_attention_layers(diffusion_model: torch.nn.Module) -> list[FluxAttentionLayer]:
-    """Every attention layer of a ComfyUI Flux model: double blocks, then single blocks."""
-    layers: list[FluxAttentionLayer] = []
-    for kind, blocks in ((DOUBLE_BLOCK, diffusion_model.double_blocks), (SINGLE_BLOCK, diffusion_model.single_blocks)):
-        for number, block in enumerate(blocks):
-            heads = int(block.num_heads)
-            hidden = int(getattr(block, "hidden_size", diffusion_model.hidden_size))
-            layers.append(FluxAttentionLayer(len(layers), kind, number, heads, hidden // heads))
-    return layers
-
-
-def describe_layers(layers: list[FluxAttentionLayer]) -> str:
-    """E.g. "57 attention layers: double blocks 0-18, single blocks 19-56"."""
-    parts = []
-    for kind, name in ((DOUBLE_BLOCK, "double blocks"), (SINGLE_BLOCK, "single blocks")):
-        indices = [layer.ad_index for layer in layers if layer.kind == kind]
-        if indices:
-            parts.append(f"{name} {indices[0]}-{indices[-1]}")
-    return f"{len(layers)} attention layers: " + ", ".join(parts)
-
-
-def paper_default_indices(layers: list[FluxAttentionLayer]) -> tuple[int, ...]:
+def paper_default_indices(layers: Sequence[FluxAttentionLayer]) -> tuple[int, ...]:
     """The last 7 layers: the reference's `(50, 57)` on FLUX.1 (its last 7 single blocks)."""
     return tuple(layer.ad_index for layer in layers[-FLUX_PAPER_DEFAULT_COUNT:])
 
 
-def parse_flux_layer_spec(spec: str, layers: list[FluxAttentionLayer]) -> tuple[int, ...]:
+def parse_flux_layer_spec(spec: str, layers: Sequence[FluxAttentionLayer]) -> tuple[int, ...]:
     """"paper default", indices and ranges ("50-56", "19,31..37") as on SD; out-of-range
     selections name this model's valid range and its blocks."""
     if not layers:
         raise LayerSpecError("the Flux model has no attention blocks")
-    if (spec or "").strip().lower() in ("default", PAPER_DEFAULT_SPEC, "paper"):
+    if is_paper_default(spec):
         return paper_default_indices(layers)
     try:
         return parse_layer_spec(spec, len(layers))
     except LayerSpecError as error:
-        raise LayerSpecError(f"{error} (this Flux model has {describe_layers(layers)})") from None
+        raise LayerSpecError(f"{error} (this Flux model has {describe_layers(list(layers))})") from None
 
 
 def select_flux_layers(diffusion_model: torch.nn.Module, spec: str) -> list[FluxAttentionLayer]:
@@ -146,146 +69,80 @@ def select_flux_layers(diffusion_model: torch.nn.Module, spec: str) -> list[Flux
     return [layers[i] for i in parse_flux_layer_spec(spec, layers)]
 
 
-def null_text_tokenizer_options() -> dict[str, int]:
-    """`clip.tokenize("", tokenizer_options=...)` options that pad T5 as the reference does."""
-    return {"t5xxl_min_length": REFERENCE_T5_TOKENS}
+class FluxFamily(ModelFamily):
+    name = "Flux"
+    supported = "a Flux (FLUX.1-dev or -schnell) model"
+    default_layer_count = FLUX_PAPER_DEFAULT_COUNT
+    seamless_tiling_error = TILING_MESSAGE
+    adain_dims = ADAIN_DIMS
+    # §2.7 step 4: AdaIN matches x' to the same noised reference r whose features are the target.
+    adain_shares_reference_noise = True
 
+    def accepts(self, diffusion_model: torch.nn.Module) -> bool:
+        return is_flux(diffusion_model)
 
-def _null_parts(conditioning: list) -> tuple[torch.Tensor, torch.Tensor]:
-    if not conditioning:
-        raise ValueError("the null conditioning is empty; connect CLIPTextEncode with empty text and a Flux CLIP")
-    context, options = conditioning[0][0], conditioning[0][1]
-    pooled = options.get("pooled_output")
-    if pooled is None:
-        raise ValueError(
-            "the null conditioning has no pooled output; encode the empty prompt with a Flux CLIP "
-            "(DualCLIPLoader type flux: clip_l and t5xxl)"
-        )
-    return context, pooled
-
-
-def flux_conditioning_mismatch(base_model: Any, conditioning: list) -> str | None:
-    """Why `conditioning` cannot drive this model's AD passes (another model's text encoder), or None."""
-    context, pooled = _null_parts(conditioning)
-    params = base_model.diffusion_model.params
-    if int(context.shape[-1]) != int(params.context_in_dim) or int(pooled.shape[-1]) != int(params.vec_in_dim):
-        return (f"the empty-prompt conditioning has {context.shape[-1]}-wide text tokens and a {pooled.shape[-1]}-wide "
-                f"pooled vector, but this Flux model takes {params.context_in_dim} and {params.vec_in_dim} "
-                "(T5-XXL and CLIP-L); encode it with a Flux CLIP")
-    return None
-
-
-def flux_conditioning(base_model: Any, conditioning: list, latent: torch.Tensor,
-                      device: torch.device) -> dict[str, torch.Tensor]:
-    """Network inputs of an AD pass from the null CONDITIONING, batched to `latent`: T5 tokens
-    `context` (B, T, C), pooled CLIP-L `y`, and `guidance` 1.0 where the model embeds guidance.
-    The conditioning's own guidance is ignored; a Flux Kontext reference latent on it is not
-    the AD reference and stays out of the AD passes."""
-    mismatch = flux_conditioning_mismatch(base_model, conditioning)
-    if mismatch is not None:
-        raise ValueError(mismatch)
-    context, pooled = _null_parts(conditioning)
-    batch = latent.shape[0]
-    cond = {
-        "context": context[:1].detach().clone().to(device).expand(batch, -1, -1),
-        "y": pooled[:1].detach().clone().to(device).expand(batch, -1),
-    }
-    if bool(base_model.diffusion_model.params.guidance_embed):
-        cond["guidance"] = torch.ones(batch, device=device)
-    return cond
-
-
-def feature_time(model_sampling: Any, sigma: float) -> tuple[float, float]:
-    """(network time, noise level) of features at σ: the model's own `timestep(σ)` (σ on Flux);
-    σ = 0, the last step, is the clean latent at time 0."""
-    time = model_sampling.timestep(torch.tensor([float(sigma)], dtype=torch.float32))
-    return float(time.reshape(-1)[0]), float(sigma)
-
-
-def flow_noised(clean: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A clean latent noised to σ as the model input: σ·ε + (1 − σ)·x0 (ComfyUI's CONST)."""
-    return sigma * noise.to(clean) + (1.0 - sigma) * clean
-
-
-PATCH = 2
-ADAIN_DIMS = (2, 4)  # the token dims of `packed_view`: AdaIN statistics of one packed channel
-
-
-def packed_view(latent: torch.Tensor) -> torch.Tensor:
-    """(B, 16, H, W) as (B, 16, H/2, 2, W/2, 2): Flux's tokens are 2×2 patches, so a packed
-    channel (latent channel, patch row, patch column) is dims 1, 3, 5 and its tokens dims 2, 4."""
-    batch, channels, height, width = latent.shape
-    if height % PATCH or width % PATCH:
-        raise ValueError(f"a Flux latent needs even height and width, got {height}x{width}")
-    return latent.reshape(batch, channels, height // PATCH, PATCH, width // PATCH, PATCH)
-
-
-def image_token_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
-    """Image tokens per column and row: ComfyUI pads the latent to the patch size."""
-    return ((height + patch_size // 2) // patch_size, (width + patch_size // 2) // patch_size)
-
-
-class FluxFeaturePass:
-    """One AD forward of a Flux model, recording the selected blocks (see the module docstring).
-
-    `transformer_options` are the MODEL's own (`patcher.model_options["transformer_options"]`):
-    their dit replaces and attention override run inside the pass; they are never modified.
-    """
-
-    def __init__(
-        self,
-        base_model: Any,
-        layers: list[FluxAttentionLayer],
-        stop_early: bool = True,
-        checkpoint: bool = False,
-        transformer_options: dict | None = None,
-    ) -> None:
+    def check(self, base_model: Any) -> None:
         check_flux_model(base_model)
-        if not layers:
-            raise LayerSpecError("no Flux attention layer selected")
-        self.base_model = base_model
-        self.diffusion_model = base_model.diffusion_model
-        self.layers = sorted(layers, key=lambda layer: layer.ad_index)
-        self.keys = tuple(layer.patch_key for layer in self.layers)
-        self.stop_early = stop_early
-        self.checkpoint = checkpoint
-        self.transformer_options = transformer_options
-        self.dtype = compute_dtype(base_model)
-        every = list_flux_attention_layers(self.diffusion_model)
-        last = self.layers[-1].ad_index if stop_early else len(every) - 1
-        modules = {DOUBLE_BLOCK: self.diffusion_model.double_blocks, SINGLE_BLOCK: self.diffusion_model.single_blocks}
-        self.wrapped_blocks = {layer.patch_key: modules[layer.kind][layer.number] for layer in every[: last + 1]}
 
-    def run(self, model_input: torch.Tensor, time: float, cond: dict[str, torch.Tensor]) -> list[FluxLayerRecord]:
-        """Features of the selected blocks for `model_input` (B, 16, H, W; the latent itself) at
-        network `time` (`feature_time`), with `cond` from `flux_conditioning`."""
-        batch, _, height, width = model_input.shape
-        patch = int(self.diffusion_model.patch_size)
-        context = cond["context"]
-        state = FluxPassState(
-            selected=self.keys,
-            hw=image_token_grid(height, width, patch),
-            text_tokens=int(context.shape[1]),
-            stop_early=self.stop_early,
-            checkpoint=self.checkpoint,
-        )
-        options = wrapped_options(self.transformer_options, state, self.wrapped_blocks)
-        device = model_input.device
+    def attention_layers(self, diffusion_model: torch.nn.Module) -> list[FluxAttentionLayer]:
+        return list_flux_attention_layers(diffusion_model)
 
-        def batched(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device, self.dtype)
-            return t if t.shape[0] == batch else t[:1].expand(batch, *t.shape[1:])
+    def default_layers(self, layers: Sequence[FluxAttentionLayer]) -> tuple[int, ...]:
+        return paper_default_indices(layers)
 
-        guidance = cond.get("guidance")
+    def describe_layers(self, layers: Sequence[FluxAttentionLayer]) -> str:
+        return f"this Flux model has {describe_layers(list(layers))}"
+
+    def feature_pass(self, patcher: Any, layers: Sequence[FluxAttentionLayer], stop_early: bool = True,
+                     checkpoint: bool = False) -> FluxFeaturePass:
+        # The MODEL's own dit replaces and attention override run inside the pass (flux_blocks.py chains them).
+        options = (getattr(patcher, "model_options", None) or {}).get("transformer_options")
+        return FluxFeaturePass(patcher.model, list(layers), stop_early=stop_early, checkpoint=checkpoint,
+                               transformer_options=options)
+
+    def needs_inplace_guard(self, diffusion_model: torch.nn.Module) -> bool:
+        return False  # the pass guards the residual stream of each block itself (flux_blocks.residual_guard)
+
+    def auto_checkpointing(self, base_model: Any, latent_shape: Sequence[int]) -> bool:
+        return True  # a Flux block's activations dwarf its recomputation cost at every useful size
+
+    def conditioning(self, base_model: Any, conditioning: list, latent: torch.Tensor, device: torch.device,
+                     image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        return flux_conditioning(base_model, conditioning, latent, device)
+
+    def conditioning_identity(self, cond: dict[str, torch.Tensor]) -> tuple:
+        return ()  # the null text is the reference's own; guidance is always 1.0; no size conditioning
+
+    def conditioning_mismatch(self, base_model: Any, conditioning: list) -> str | None:
         try:
-            self.diffusion_model(
-                model_input.to(self.dtype), torch.full((batch,), float(time), device=device), batched(context),
-                y=batched(cond["y"]), guidance=batched(guidance) if guidance is not None else None,
-                control=None, transformer_options=options,
-            )
-        except StopForward:
-            pass
-        missing = [key for key in self.keys if key not in state.records]
-        if missing:
-            raise RuntimeError(f"Flux blocks {missing} did not run in the AD forward")
-        return [state.records[key] for key in self.keys]
+            return flux_conditioning_mismatch(base_model, conditioning)
+        except ValueError as error:
+            return str(error)
+
+    def optimize_times(self, base_model: Any, steps: int) -> list[float]:
+        """The model's own `simple` sigmas for `steps` (ModelSamplingFlux's shift included), without the final 0."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        import comfy.samplers
+
+        sampling = base_model.model_sampling
+        sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", steps)[:-1]
+        return [float(t) for t in sampling.timestep(sigmas.float()).reshape(-1)]
+
+    def feature_time(self, model_sampling: Any, sigma: float) -> tuple[float, float]:
+        return feature_time(model_sampling, sigma)
+
+    def to_model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x  # CONST: the network takes the latent itself
+
+    def from_model_input(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        return z
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        return flow_noised(clean, noise, sigma)
+
+    def adain_view(self, latent: torch.Tensor) -> torch.Tensor:
+        return packed_view(latent)
+
+
+FLUX = FluxFamily()

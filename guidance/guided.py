@@ -225,7 +225,9 @@ class ADGuidanceHook:
                 sigma_next,
                 step_noise(ref_shape, self.seed, noise_step, STREAM_REFERENCE),
                 self.settings,
-                adain_noise=step_noise(ref_shape, self.seed, noise_step, STREAM_ADAIN),
+                adain_noise=None
+                if session.family.adain_shares_reference_noise
+                else step_noise(ref_shape, self.seed, noise_step, STREAM_ADAIN),
                 content=content if use_content else None,
                 content_noise=step_noise(tuple(content.shape), self.seed, noise_step, STREAM_CONTENT)
                 if use_content

@@ -42,7 +42,9 @@ class IterationReport:
 
 class RegionMasks:
     """Boolean attention masks per layer from reference labels (R, H, W) and target labels
-    (B or 1, H, W), built once per (reference grid, target grid)."""
+    (B or 1, H, W), built once per (reference grid, target grid). On a model with joint text tokens
+    (Flux) the regions are the image tokens': a text query attends to every reference token, an image
+    query only to the reference's image tokens of its label."""
 
     def __init__(self, reference_labels: torch.Tensor, target_labels: torch.Tensor) -> None:
         self.reference_labels = reference_labels
@@ -53,15 +55,28 @@ class RegionMasks:
         masks: list[torch.Tensor | None] = []
         for ref, rec in zip(refs, records, strict=True):
             batch = rec.q.shape[0]
-            key = (ref.hw, rec.hw, batch, ref.k.device)
+            key = (ref.hw, rec.hw, batch, ref.k.device, ref.text_tokens, rec.text_tokens)
             if key not in self._built:
-                ref_tokens = labels_at(self.reference_labels.to(ref.k.device), ref.hw).reshape(-1)
-                tgt_tokens = labels_at(self.target_labels.to(ref.k.device), rec.hw)
+                ref_tokens = _with_text(labels_at(self.reference_labels.to(ref.k.device), ref.hw), ref.text_tokens)
+                tgt_tokens = _with_text(labels_at(self.target_labels.to(ref.k.device), rec.hw), rec.text_tokens)
                 if tgt_tokens.shape[0] != batch:
                     tgt_tokens = tgt_tokens[:1].expand(batch, -1)
-                self._built[key] = region_attention_mask(tgt_tokens, ref_tokens)
+                mask = region_attention_mask(tgt_tokens, ref_tokens.reshape(-1))
+                if rec.text_tokens:
+                    mask[:, :, : rec.text_tokens] = True
+                self._built[key] = mask
             masks.append(self._built[key])
         return masks
+
+
+_TEXT_LABEL = -1  # never a region label (labels_from_mask gives 0..255)
+
+
+def _with_text(labels: torch.Tensor, text_tokens: int) -> torch.Tensor:
+    """(B, h·w) image-token labels with `text_tokens` text tokens first, labelled as no region."""
+    if not text_tokens:
+        return labels
+    return torch.cat([labels.new_full((labels.shape[0], text_tokens), _TEXT_LABEL), labels], dim=1)
 
 
 def region_masks(session: ADModelSession, target_labels: torch.Tensor | None) -> RegionMasks | None:

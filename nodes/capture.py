@@ -86,5 +86,6 @@ class CaptureReferenceAttention:
                     conditioning=null_conditioning,
                     labels=labels,
                     attn_scale=scale,
+                    family=family.name,
                 ),
             )

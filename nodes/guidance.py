@@ -23,7 +23,7 @@ from .common import (
 )
 from .errors import reported_as, require
 from .windows import AD_WINDOWS, window_settings
-from .inputs import finite_number, latent_samples, mask_batch, whole_number
+from .inputs import check_reference_fits, finite_number, latent_samples, mask_batch, whole_number
 
 NODE = "AD Loss Guidance"
 MAX_ITERATIONS = 50
@@ -174,16 +174,9 @@ class ADLossGuidance:
             require(isinstance(reference, ADReference), NODE, "'reference' must come from Capture Reference Attention")
             base = model.model
             family = family_of(base)
+            check_reference_fits(NODE, reference, base, family)
             select_layers(base.diffusion_model, reference.layer_spec)
-            mismatch = family.conditioning_mismatch(base, reference.conditioning)
-            require(mismatch is None, NODE, mismatch or "")
             channels = family.latent_channels(base)
-            require(
-                int(reference.latents.shape[1]) == channels,
-                NODE,
-                f"the reference latent has {reference.latents.shape[1]} channels but this model's latents have "
-                f"{channels}; capture the reference with this model's VAE",
-            )
             lr = finite_number(NODE, lr, "lr", minimum=0.0)
             iterations = whole_number(NODE, iterations, "iterations", 0, MAX_ITERATIONS)
             require(isinstance(adain, bool), NODE, f"'adain' must be true or false, got {adain!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -47,3 +48,24 @@ def whole_number(node: str, value: int, name: str, minimum: int, maximum: int) -
     require(isinstance(value, int) and not isinstance(value, bool), node, f"'{name}' must be a whole number, got {value!r}")
     require(minimum <= value <= maximum, node, f"'{name}' must be between {minimum} and {maximum}, got {value}")
     return int(value)
+
+
+def check_reference_fits(node: str, reference: Any, base_model: Any, family: Any) -> None:
+    """An AD_REFERENCE captured for another kind of model (a Flux reference on an SD model, or the
+    reverse) or with another text encoder or VAE gets an error naming `node`."""
+    captured = getattr(reference, "family", "")
+    require(
+        not captured or captured == family.name,
+        node,
+        f"the reference was captured with a {captured} model but this MODEL is {family.supported}; capture it "
+        "again with this model (Capture Reference Attention takes the same MODEL, its CLIP and its VAE)",
+    )
+    mismatch = family.conditioning_mismatch(base_model, reference.conditioning)
+    require(mismatch is None, node, mismatch or "")
+    channels = family.latent_channels(base_model)
+    require(
+        int(reference.latents.shape[1]) == channels,
+        node,
+        f"the reference latent has {reference.latents.shape[1]} channels but this model's latents have "
+        f"{channels}; capture the reference with this model's VAE",
+    )

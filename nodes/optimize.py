@@ -22,7 +22,7 @@ from .common import (
     use_checkpointing,
 )
 from .errors import reported_as, require
-from .inputs import finite_number, latent_samples, mask_batch, whole_number
+from .inputs import check_reference_fits, finite_number, latent_samples, mask_batch, whole_number
 from .windows import AD_WINDOWS, window_settings
 
 NODE = "Latent AD Optimize"
@@ -91,7 +91,9 @@ class LatentADOptimize:
         with reported_as(NODE):
             require(isinstance(reference, ADReference), NODE, "'reference' must come from Capture Reference Attention")
             base = model.model
-            channels = family_of(base).latent_channels(base)
+            family = family_of(base)
+            check_reference_fits(NODE, reference, base, family)
+            channels = family.latent_channels(base)
             samples = latent_samples(NODE, latent, "latent", channels)
             steps = whole_number(NODE, steps, "steps", 1, 1000)
             iterations = whole_number(NODE, iterations, "iterations", 0, 1000)

@@ -142,7 +142,7 @@ def test_the_toy_family_is_found_and_unknown_models_are_refused(mods, toy):
     with torch.inference_mode():
         assert mods.families.family_of(tm.build("sd15").model) is mods.sd.SD_UNET
     stranger = SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2))
-    with pytest.raises(mods.family.UnsupportedModelError, match="an SD1.x, SD2.x or SDXL UNet or a toy network"):
+    with pytest.raises(mods.family.UnsupportedModelError, match=r"an SD1.x, SD2.x or SDXL UNet or a Flux \(FLUX.1-dev or -schnell\) model or a toy network"):
         mods.families.family_of(stranger)
 
 
@@ -216,7 +216,8 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_guidance_never_imports_a_family_module(pack):
     """guidance/ reaches model anatomy only through the family interface and its registry."""
-    family_modules = {"sd_family", "sd_unet", "unet_pass", "checkpointing"}
+    family_modules = {"sd_family", "sd_unet", "unet_pass", "checkpointing", "flux_family", "flux_model", "flux_pass",
+                      "flux_blocks"}
     for path in sorted((PACK / "guidance").glob("*.py")):
         leaked = _imported_modules(path) & family_modules
         assert not leaked, f"{path.name} imports {sorted(leaked)}"

@@ -1,4 +1,5 @@
-"""Flux latent math: AdaIN on packed channels, as the reference code applies it to its packed
+"""Flux latent math: AdaIN on packed channels (the Flux family's `adain_view`/`adain_dims` through the
+pack's `adain`, as guidance/guided_update.py applies it), as the reference code applies it to its packed
 (B, tokens, 64) latent, and flow-matching noising as ComfyUI's CONST does it."""
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def _reference_adain(source: torch.Tensor, target: torch.Tensor, eps: float = 1e
     return (source - mean) / (std + eps) * target_std + target_mean
 
 
+def packed_adain(latent: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The guided update's AdaIN on a Flux latent."""
+    from attention_distillation_pack.attention.flux_family import FLUX
+    from attention_distillation_pack.guidance.losses import adain
+
+    view = adain(FLUX.adain_view(latent), FLUX.adain_view(reference.to(latent)), dims=FLUX.adain_dims)
+    return view.reshape(latent.shape)
+
+
 def _latents():
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(2, 16, 8, 6, generator=generator, dtype=torch.float64)
@@ -37,15 +47,12 @@ def _latents():
 
 
 def test_packed_adain_equals_the_reference_on_the_packed_latent(pack):
-    from attention_distillation_pack.guidance.flux_latent import packed_adain
-
     latent, reference = _latents()
     expected = _unpack(_reference_adain(_pack(latent), _pack(reference)), latent.shape)
     torch.testing.assert_close(packed_adain(latent, reference), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_packed_adain_takes_statistics_per_packed_channel(pack):
-    from attention_distillation_pack.guidance.flux_latent import packed_adain
     from attention_distillation_pack.guidance.losses import adain
 
     latent, reference = _latents()
@@ -58,8 +65,6 @@ def test_packed_adain_takes_statistics_per_packed_channel(pack):
 
 
 def test_packed_adain_refuses_odd_sizes(pack):
-    from attention_distillation_pack.guidance.flux_latent import packed_adain
-
     with pytest.raises(ValueError, match="even height and width"):
         packed_adain(torch.zeros(1, 16, 7, 6), torch.zeros(1, 16, 6, 6))
 
