@@ -70,6 +70,8 @@ class CaptureReferenceAttention:
             select_layers(base.diffusion_model, layers)
             require(isinstance(null_conditioning, list) and len(null_conditioning) > 0, NODE,
                     "'null_conditioning' is empty; connect CLIPTextEncode with empty text")
+            mismatch = family.conditioning_mismatch(base, null_conditioning)
+            require(mismatch is None, NODE, f"'null_conditioning' does not fit this model: {mismatch}")
             try:
                 family.conditioning(base, null_conditioning, samples[:1].float(), samples.device)
             except (KeyError, TypeError, AttributeError) as error:

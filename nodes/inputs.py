@@ -57,8 +57,8 @@ def check_reference_fits(node: str, reference: Any, base_model: Any, family: Any
     require(
         not captured or captured == family.name,
         node,
-        f"the reference was captured with a {captured} model but this MODEL is {family.supported}; capture it "
-        "again with this model (Capture Reference Attention takes the same MODEL, its CLIP and its VAE)",
+        f"the reference was captured with another kind of model ({captured}) but this MODEL is {family.supported}; "
+        "capture it again with this model (Capture Reference Attention takes the same MODEL, its CLIP and its VAE)",
     )
     mismatch = family.conditioning_mismatch(base_model, reference.conditioning)
     require(mismatch is None, node, mismatch or "")
