@@ -116,3 +116,26 @@ def test_sd_and_unsupported_flux_variants_get_clear_errors(pack):
         fill = config.get_model({}, "", device=torch.device("cpu"))
     with pytest.raises(UnsupportedModelError, match="takes 96 latent channels"):
         ff.check_flux_model(fill)
+
+
+def test_old_core_refuses_a_flux_model_in_every_node_by_name(pack):
+    """The 2024 core builds ComfyUI's Flux but cannot read its attention: each node says so."""
+    ff = _family()
+    if ff.host_supports_flux():
+        pytest.skip("this ComfyUI has Flux's attention override; the refusal is for the November 2024 core")
+    import tiny_models as tm
+    from ad_helpers import capture
+    from attention_distillation_pack.nodes.errors import ADNodeError
+    from attention_distillation_pack.nodes.guidance import ADLossGuidance
+    from attention_distillation_pack.nodes.optimize import LatentADOptimize
+
+    with torch.inference_mode():
+        flux, sd = tf.build("dev"), tm.build("sd15")
+    sd_reference = capture(sd, torch.randn(1, 4, 8, 8), tm.conditioning("sd15"))
+    needs = r"Flux needs ComfyUI v0\.3\.64 or newer"
+    with pytest.raises(ADNodeError, match=rf"\[Capture Reference Attention\] {needs}"):
+        capture(flux, tf.latent(), tf.null_conditioning())
+    with pytest.raises(ADNodeError, match=rf"\[AD Loss Guidance\] {needs}"):
+        ADLossGuidance().patch(flux, sd_reference, 0.01, 2, True, 0.0, 1.0, 0)
+    with pytest.raises(ADNodeError, match=rf"\[Latent AD Optimize\] {needs}"):
+        LatentADOptimize().optimize(flux, sd_reference, {"samples": torch.zeros(1, 16, 8, 8)}, 2, 0.05, 1, 0.0, 0)
