@@ -126,6 +126,10 @@ class ModelFamily(ABC):
     def conditioning_mismatch(self, base_model: Any, conditioning: list) -> str | None:
         """Why `conditioning` cannot drive this model's AD passes (another model's text encoder), or None."""
 
+    def conditioning_note(self, conditioning: list) -> str | None:
+        """Where `conditioning` fits but differs from what the reference code uses (said once, not an error)."""
+        return None
+
     # -- sampling parametrization ---------------------------------------------------------------------
     @abstractmethod
     def optimize_times(self, base_model: Any, steps: int) -> list[float]:

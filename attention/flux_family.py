@@ -119,6 +119,14 @@ class FluxFamily(ModelFamily):
         except ValueError as error:
             return str(error)
 
+    def conditioning_note(self, conditioning: list) -> str | None:
+        tokens = int(conditioning[0][0].shape[1])
+        if tokens == REFERENCE_T5_TOKENS:
+            return None
+        return (f"the empty prompt has {tokens} T5 tokens; the reference code pads it to {REFERENCE_T5_TOKENS}, and "
+                "Flux's features depend on the padded length (the text tokens are in the AD loss). To match it, "
+                f"put T5TokenizerOptions (min_length {REFERENCE_T5_TOKENS}) between the CLIP and CLIPTextEncode")
+
     def optimize_times(self, base_model: Any, steps: int) -> list[float]:
         """The model's own `simple` sigmas for `steps` (ModelSamplingFlux's shift included), without the final 0."""
         if steps < 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from ..attention.layers import PAPER_DEFAULT_SPEC, select_layers
 from ..attention.reference import ADReference
 from ..attention.families import family_of
@@ -11,6 +13,7 @@ from .errors import reported_as, require
 from .inputs import finite_number, latent_samples, mask_batch
 
 NODE = "Capture Reference Attention"
+log = logging.getLogger(__name__)
 
 
 class CaptureReferenceAttention:
@@ -30,21 +33,24 @@ class CaptureReferenceAttention:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model (after LoRA if you use one)."}),
+                "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x, SDXL or Flux (FLUX.1-dev/-schnell, ComfyUI v0.3.64+) model, after LoRA if you use one."}),
                 "reference": (
                     "LATENT",
                     {"tooltip": "The reference image encoded with VAE Encode. A batch means several references whose keys/values are pooled."},
                 ),
                 "null_conditioning": (
                     "CONDITIONING",
-                    {"tooltip": "CLIPTextEncode with EMPTY text: the reference code reads attention under the empty prompt, never the user prompt."},
+                    {"tooltip": "CLIPTextEncode with EMPTY text: the reference code reads attention under the empty prompt, never the user prompt. "
+                     "Flux: its text tokens are part of the features; T5TokenizerOptions min_length 512 before the encode matches "
+                     "the reference code's padding. Its guidance value is ignored (AD passes use 1.0)."},
                 ),
                 "layers": (
                     "STRING",
                     {
                         "default": PAPER_DEFAULT_SPEC,
                         "tooltip": "Self-attention layers to distill, counted in execution order. 'paper default' = the last 6 "
-                        "(SD1.5: 10-15, SDXL: 64-69). Or indices and ranges like '10-15' or '3,5,7'.",
+                        "(SD1.5: 10-15, SDXL: 64-69); on Flux the last 7 (FLUX.1: 50-56 = single blocks 31-37, double "
+                        "blocks being 0-18 and single blocks 19-56). Or indices and ranges like '10-15' or '3,5,7'.",
                     },
                 ),
             },
@@ -72,6 +78,9 @@ class CaptureReferenceAttention:
                     "'null_conditioning' is empty; connect CLIPTextEncode with empty text")
             mismatch = family.conditioning_mismatch(base, null_conditioning)
             require(mismatch is None, NODE, f"'null_conditioning' does not fit this model: {mismatch}")
+            note = family.conditioning_note(null_conditioning)
+            if note:
+                log.warning("%s: %s", NODE, note)
             try:
                 family.conditioning(base, null_conditioning, samples[:1].float(), samples.device)
             except (KeyError, TypeError, AttributeError) as error:

@@ -36,7 +36,7 @@ CHECKPOINTING_INPUT = (
     {
         "default": "auto",
         "tooltip": "Gradient checkpointing of the differentiated UNet pass: less memory, about one more forward "
-        "per iteration. auto = on for SDXL-class models at 1024x1024 and above.",
+        "per iteration. auto = on for SDXL-class models at 1024x1024 and above and always on Flux.",
     },
 )
 

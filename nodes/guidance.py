@@ -44,7 +44,9 @@ class ADLossGuidance:
         "prompt and no ControlNet, like the reference code's classifier; ControlNet on the conditioning still "
         "steers the image through the normal sampling pass. Text-to-image: lr 0.015, 2-3 iterations, AdaIN on, "
         "cfg 7.5. Texture synthesis: lr 0.05, 3 iterations, AdaIN off, cfg 1. ddim + ddim_uniform reproduces "
-        "the reference code's steps."
+        "the reference code's steps. Flux (ComfyUI v0.3.64+): the reference code's FLUX.1-dev settings are lr 0.01, "
+        "2 iterations, AdaIN on, euler + simple, 50 steps, ModelSamplingFlux and FluxGuidance 3.5 on the prompt; "
+        "the AD passes always use guidance 1.0 and include the text tokens."
     )
     CATEGORY = CATEGORY
     FUNCTION = "patch"
@@ -70,7 +72,7 @@ class ADLossGuidance:
                         "min": 0.0,
                         "max": 1.0,
                         "step": 0.001,
-                        "tooltip": "Adam learning rate on the latent per step. Text-to-image: 0.015. Texture synthesis: 0.05.",
+                        "tooltip": "Adam learning rate on the latent per step. Text-to-image: 0.015 (Flux: 0.01). Texture synthesis: 0.05.",
                     },
                 ),
                 "iterations": (

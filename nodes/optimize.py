@@ -65,7 +65,8 @@ class LatentADOptimize:
                      "or Empty Latent Image for texture synthesis from noise."},
                 ),
                 "steps": ("INT", {"default": 200, "min": 1, "max": 1000,
-                                  "tooltip": "Timesteps of the descending DDIM schedule (reference: 200 transfer, 300 texture)."}),
+                                  "tooltip": "Timesteps of the descending schedule (SD: the reference code's DDIM steps, 200 transfer, "
+                                  "300 texture; Flux: the model's own simple sigmas)."}),
                 "lr": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 1.0, "step": 0.005,
                                  "tooltip": "Adam learning rate on the latent (reference: 0.05). 0 returns the start latent."}),
                 "iterations": ("INT", {"default": 1, "min": 0, "max": 20,

@@ -219,3 +219,38 @@ def test_cancel_mid_run_leaves_nothing_behind(pack):
     assert torch.equal(sample(patcher, steps=3), before)
     assert all(p.is_inference() for p in model.model.diffusion_model.parameters())
     assert "patches_replace" not in patcher.model_options["transformer_options"]
+
+
+def _flux_controlnet():
+    """An XLabs-style Flux ControlNet (ComfyUI's ControlNetFlux, 2 double + 3 single blocks) on random weights."""
+    import comfy.controlnet
+    import comfy.ops
+    from comfy.ldm.flux.controlnet import ControlNetFlux
+
+    with torch.inference_mode():
+        model = ControlNetFlux(operations=comfy.ops.disable_weight_init, device=torch.device("cpu"),
+                               dtype=torch.float32, **tf.TINY)
+        model.load_state_dict(tf.random_weights(model, seed=40))
+    return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"), extra_conds=["y", "guidance"])
+
+
+def test_a_flux_controlnet_steers_the_sampler_pass_only(pack):
+    """ControlNet residuals reach the sampler's own pass (the image follows the hint) but never an AD pass:
+    the ControlNet runs once per sampling step and nothing else changes on the input MODEL."""
+    patcher = _pack_model("dev", lora=False)
+    before = sample(patcher, steps=3)
+    model, _ = guided(patcher)
+    control = _flux_controlnet()
+    calls = []
+    handle = control.control_model.register_forward_hook(lambda *a: calls.append(1))
+    hint = torch.rand(1, 3, SHAPE[2] * 8, SHAPE[3] * 8, generator=torch.Generator().manual_seed(41))
+    positive = tf.null_conditioning(seed=5, guidance=GUIDANCE)
+    positive[0][1]["control"] = control.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+    try:
+        controlled = sample(model, steps=3, positive=positive)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    assert torch.isfinite(controlled).all()
+    assert float((controlled - sample(model, steps=3)).abs().max()) > 1e-3
+    assert torch.equal(sample(patcher, steps=3), before)
