@@ -139,3 +139,19 @@ def test_old_core_refuses_a_flux_model_in_every_node_by_name(pack):
         ADLossGuidance().patch(flux, sd_reference, 0.01, 2, True, 0.0, 1.0, 0)
     with pytest.raises(ADNodeError, match=rf"\[Latent AD Optimize\] {needs}"):
         LatentADOptimize().optimize(flux, sd_reference, {"samples": torch.zeros(1, 16, 8, 8)}, 2, 0.05, 1, 0.0, 0)
+
+
+@tf.requires_flux_host
+def test_the_registry_finds_flux_and_the_nodes_selection_counts_as_the_reference(pack):
+    """What Capture Reference Attention uses (attention/layers.py through the family registry) on FLUX.1."""
+    from attention_distillation_pack.attention.families import family_for
+    from attention_distillation_pack.attention.flux_family import FLUX
+    from attention_distillation_pack.attention.layers import LayerSpecError, select_layers
+
+    _, meta = tf.flux1_meta()
+    assert family_for(meta) is FLUX
+    default = select_layers(meta, "paper default")
+    assert [layer.patch_key for layer in default] == [("single_block", j) for j in range(31, 38)]
+    assert [layer.ad_index for layer in select_layers(meta, "17-19")] == [17, 18, 19]
+    with pytest.raises(LayerSpecError, match=r"valid indices 0-56 .*double blocks 0-18, single blocks 19-56"):
+        select_layers(meta, "57")
