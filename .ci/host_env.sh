@@ -31,7 +31,7 @@ if [[ -f "$host/.ad-stamp" && "$(cat "$host/.ad-stamp")" == "$checksum" && -f "$
     say "using $host/ComfyUI (up to date)"
 else
     say "unpacking $(basename "$tarball") into $host"
-    rm -rf "$host"
+    rm -rf "$host" "$host.partial"
     mkdir -p "$host.partial"
     tar xzf "$tarball" -C "$host.partial"
     if [[ ! -f "$host.partial/ComfyUI/nodes.py" ]]; then
