@@ -59,9 +59,11 @@ def axis_range(values: list[float]) -> tuple[float, float]:
     if not finite:
         return 0.0, 1.0
     low, high = min(finite), max(finite)
-    room = (high - low) * 0.08 if high > low else max(abs(low) * 0.1, 1e-6)
-    bottom = low - room if low - room >= 0 or low < 0 else 0.0  # losses >= 0: no negative axis
-    return bottom, high + room
+    if high == low:
+        room = abs(low) * 0.1 or 1.0
+        return low - room, high + room
+    room = (high - low) * 0.08
+    return (low - room if low - room >= 0 or low < 0 else 0.0), high + room  # losses >= 0: no negative axis
 
 
 def nice_ticks(low: float, high: float, most: int = 7) -> list[float]:
@@ -134,10 +136,11 @@ def plot_losses(series: list[Series], x_label: str = "step", title: str = "", wi
         return image
     area = plot_area(width, height, count, right_axis=len(series) == 2)
     draw.rectangle([area.left, area.top, area.right, area.bottom], outline=GRID)
-    for index, (s, side) in enumerate(zip(series, ("left", "right"))):
-        limits = axis_range(s.values)
-        _draw_axis(draw, area, limits, COLORS[index], side, small, grid=index == 0)
-        _draw_series(draw, area, s.values, COLORS[index], limits)
+    limits = [axis_range(s.values) for s in series]
+    for index, side in zip(range(len(series)), ("left", "right")):
+        _draw_axis(draw, area, limits[index], COLORS[index], side, small, grid=index == 0)
+    for index, s in enumerate(series):  # after the axes, so that no axis hides a curve's first or last point
+        _draw_series(draw, area, s.values, COLORS[index], limits[index])
     for step in _step_ticks(count):
         x = area.x(step - 1)
         draw.line([(x, area.bottom), (x, area.bottom + 4)], fill=INK, width=1)
