@@ -111,8 +111,9 @@ class NodeProgress:
         self.bar = comfy.utils.ProgressBar(total)
         self.console = console_bar(total, node, unit)
         self.node_id = executing_node_id()
+        start = time.perf_counter()
         self.preview = LivePreview(host_previewer(patcher)) if patcher is not None else None
-        self.overhead = 0.0  # seconds spent on previews and progress text, for the benchmark
+        self.overhead = time.perf_counter() - start  # seconds on previews (and their setup) and text: benchmark
 
     def update(self, done: int, text: str, latent: torch.Tensor | None = None, **postfix: float) -> None:
         """`done` of `total` finished; `text` goes on the node, `postfix` on the console bar."""
