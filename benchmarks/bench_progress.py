@@ -127,8 +127,8 @@ def run(method: str) -> dict[str, float]:
     seconds = time.perf_counter() - start
     comfy.utils.set_progress_bar_global_hook(None)
     (progress,) = CountedProgress.made
-    return {"seconds": seconds, "node": progress.overhead, "hook": hook.seconds, "previews": hook.previews,
-            "texts": len(server.queued)}
+    return {"seconds": seconds, "node": progress.overhead, "setup": progress.setup, "hook": hook.seconds,
+            "previews": hook.previews, "texts": len(server.queued)}
 
 
 run("none")  # warm-up: reference features cached, allocator warm
@@ -139,17 +139,16 @@ for _ in range(args.repeats):
 
 base = statistics.median(r["seconds"] for r in results["none"])
 print(f"sd15 {args.size}x{args.size} on {patcher.load_device}, {torch.get_num_threads()} threads, {args.steps} steps, "
-      f"{args.repeats} repeats each, medians")
-print("| previews | run | vs none | previews sent | spent on previews + text | + JPEG encoding | per preview | "
-      "share of run |")
+      f"{args.repeats} repeats each, medians; a step without previews: {1000 * base / args.steps:.0f} ms")
+print("| previews | run | vs none | previews sent | previewer setup | per preview (decode + JPEG) "
+      "| previews, setup and text in all | share of run |")
 print("|---|---|---|---|---|---|---|---|")
 for method, rows in results.items():
-    seconds = statistics.median(r["seconds"] for r in rows)
-    node = statistics.median(r["node"] for r in rows)
-    hook = statistics.median(r["hook"] for r in rows)
-    sent = statistics.median(r["previews"] for r in rows)
-    share = (node + hook) / seconds
+    def median(key: str, rows=rows) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    seconds, setup, sent = median("seconds"), median("setup"), median("previews")
+    spent = median("node") + median("hook")
+    per_preview = (spent - setup) / sent if sent else 0.0
     print(f"| {method} | {seconds:.2f} s | {100 * (seconds / base - 1):+.1f}% | {sent:.0f}/{args.steps} | "
-          f"{1000 * node:.1f} ms | {1000 * hook:.1f} ms | {1000 * (node + hook) / max(sent, 1):.1f} ms | "
-          f"{100 * share:.2f}% |")
-print(f"a step: {1000 * base / args.steps:.0f} ms")
+          f"{1000 * setup:.0f} ms | {1000 * per_preview:.1f} ms | {1000 * spent:.0f} ms | {100 * spent / seconds:.2f}% |")

@@ -113,7 +113,8 @@ class NodeProgress:
         self.node_id = executing_node_id()
         start = time.perf_counter()
         self.preview = LivePreview(host_previewer(patcher)) if patcher is not None else None
-        self.overhead = time.perf_counter() - start  # seconds on previews (and their setup) and text: benchmark
+        self.setup = time.perf_counter() - start  # loading the previewer (TAESD), as KSampler does each run
+        self.overhead = self.setup  # seconds on previews, their setup and the text: for the benchmark
 
     def update(self, done: int, text: str, latent: torch.Tensor | None = None, **postfix: float) -> None:
         """`done` of `total` finished; `text` goes on the node, `postfix` on the console bar."""
