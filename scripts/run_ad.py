@@ -235,7 +235,7 @@ def run_task(pack, label, model, vae, conditioning, reference_image, latent, set
     (ad_reference,) = getattr(capture, capture.FUNCTION)(model, reference, conditioning, "paper default")
     comfy.utils.set_progress_bar_global_hook(progress_printer(label))
     try:
-        (result,) = getattr(optimize, optimize.FUNCTION)(model, ad_reference, latent, seed=seed, **settings)
+        result, _loss_curve = getattr(optimize, optimize.FUNCTION)(model, ad_reference, latent, seed=seed, **settings)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     image = vae.decode(result["samples"])
