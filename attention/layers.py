@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .naming import shown_as_pack
+
 PAPER_DEFAULT_LAYER_COUNT = 6
 PAPER_DEFAULT_SPEC = "paper default"
 
 
+@shown_as_pack
 class LayerSpecError(ValueError):
     """A layer selection that does not fit the model."""
 

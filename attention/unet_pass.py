@@ -8,9 +8,11 @@ import torch
 
 from .layers import SelfAttentionLayer
 from .checkpointing import checkpointed_forward
+from .naming import shown_as_pack
 from .recorder import AttentionRecorder, LayerRecord, StopForward
 
 
+@shown_as_pack
 class UnsupportedModelError(ValueError):
     """The MODEL is not an SD-family UNet this pack can read."""
 

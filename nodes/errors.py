@@ -8,9 +8,11 @@ from collections.abc import Iterator
 import torch
 
 from ..attention.layers import LayerSpecError
+from ..attention.naming import shown_as_pack
 from ..attention.unet_pass import UnsupportedModelError
 
 
+@shown_as_pack
 class ADNodeError(ValueError):
     """Raised by a node for bad input or a failed AD pass; the message is shown in the UI."""
 
