@@ -263,7 +263,7 @@ def test_small_graphs_keep_what_the_workflows_exercise(pack):
     windows_node = pack.NODE_CLASS_MAPPINGS["ADTextureWindows"]()
     seen = set()
     for name in NAMES:
-        prompt = small(wt.load_json(wt.API_WORKFLOWS / f"{name}.json"))
+        prompt = small(wt.load_json(wt.workflow_path(name, api=True)))
         for node in prompt.values():
             inputs = node["inputs"]
             if node["class_type"] == "ADTextureWindows":
@@ -279,9 +279,9 @@ def test_small_graphs_keep_what_the_workflows_exercise(pack):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_in_comfyuis_executor(host, name, pack):
-    ui = wt.load_json(wt.WORKFLOWS / f"{name}.json")
+    ui = wt.load_json(wt.workflow_path(name))
     api = wt.ui_to_api(ui, wt.all_node_defs(pack))
-    assert api == wt.load_json(wt.API_WORKFLOWS / f"{name}.json")
+    assert api == wt.load_json(wt.workflow_path(name, api=True))
     prompt = small(api)
 
     started = time.perf_counter()

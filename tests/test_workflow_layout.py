@@ -31,7 +31,7 @@ CROWDED = {"02_sd15_appearance_transfer_regions": 0.35, "07_sd15_controlnet_styl
 
 
 def _ui(name: str) -> dict:
-    return wt.load_json(wt.WORKFLOWS / f"{name}.json")
+    return wt.load_json(wt.workflow_path(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -80,6 +80,24 @@ def test_titles_do_not_name_what_the_graph_avoids(name):
     titles = [n.get("title", "") for n in _ui(name)["nodes"]]
     assert not [t for t in titles if "(tiled" in t.lower()], "reads like core VAE Decode (Tiled)"
     assert not [t for t in titles if "also the prompt" in t]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_templates_browser_has_a_picture_of_it(name):
+    """Frontend 1.27 shows a pack's workflow in the Templates browser with `<file name>.jpg` beside it."""
+    from PIL import Image
+
+    picture = wt.workflow_path(name).with_suffix(".jpg")
+    with Image.open(picture) as image:
+        assert image.format == "JPEG" and image.size == (512, 512)
+
+
+def test_the_only_template_folder_is_workflows():
+    """ComfyUI lists the JSON files of all these folders and serves each folder at the same URL, where the
+    first registered one answers (app/custom_node_manager.py of v0.3.64): with `examples/` beside
+    `workflows/`, every template and picture request is looked up in `examples/` and fails."""
+    for folder in ("example_workflows", "example", "examples", "workflow"):
+        assert not (wt.REPO / folder).exists(), f"{folder}/ would shadow workflows/ in the Templates browser"
 
 
 def _two_nodes() -> dict:

@@ -75,7 +75,7 @@ def test_readme_shows_every_workflow_and_its_picture():
     section = _readme_section("Workflows")
     for path in wt.workflow_files():
         assert f"`{path.name}`" in section, path.name
-        picture = f"docs/images/workflows/{path.stem}.png"
+        picture = f"docs/images/workflows/{wt.slug_of(path)}.png"
         assert f"]({picture})" in section, picture
         assert (wt.REPO / picture).is_file(), picture
     for folder, files in wt.MODEL_FILES.items():

@@ -753,7 +753,7 @@ BUILDERS = (style_transfer, appearance_transfer, texture_optimize, texture_sampl
 
 def build_all(defs: dict[str, wt.NodeDef]) -> dict[str, dict]:
     """File name -> UI workflow."""
-    return {g.name + ".json": g.to_ui() for g in (build(defs) for build in BUILDERS)}
+    return {wt.TITLES[g.name] + ".json": g.to_ui() for g in (build(defs) for build in BUILDERS)}
 
 
 def expected_files(defs: dict[str, wt.NodeDef]) -> dict[Path, str]:
