@@ -91,10 +91,10 @@ DEFAULT_SIZES = {
     "ADTextureWindows": (250, 82),
     "ADFineTuneVAEDecoder": (250, 174),
 }
-EMPTY_PROMPT_SIZE = (315, 88)
+EMPTY_PROMPT_SIZE = (300, 88)
 SMALL_SAVE = (340, 280)  # two Save Image nodes in one column
 # The empty prompt of the texture samplers: the null text of Capture and the sampler's two prompts.
-EMPTY_EVERYWHERE = "Empty prompt (null text, positive, negative)"
+EMPTY_EVERYWHERE = "Empty prompt (null text, both prompts)"
 NOTE_WIDTH = 400
 Pos = tuple[float, float]
 READABLE_ZOOM = 0.6
@@ -490,7 +490,7 @@ def _t2i(defs, name: str, ckpt_name: str, size: int, style: str, prompt: str, lr
         model, clip = lora_node.out(0), lora_node.out(1)
     positive = g.add("CLIPTextEncode", (C, y["prompt"]), {"text": prompt}, {"clip": clip},
                      title="Prompt", colors=POSITIVE_COLORS, size=(250, 120))
-    null = empty_text(g, clip, (C, y["empty"]), "Empty prompt (null text, also the negative)")
+    null = empty_text(g, clip, (C, y["empty"]), "Empty prompt (null text, negative)")
     style_latent = image_latent(g, (B, y["style"]), (C, y["style"] + 80), style, ckpt.out(2), size,
                                 "Style reference")
     empty = g.add("EmptyLatentImage", (e, 0), {"width": size, "height": size, "batch_size": 1})
