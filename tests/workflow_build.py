@@ -92,7 +92,7 @@ DEFAULT_SIZES = {
     "ADFineTuneVAEDecoder": (250, 174),
 }
 EMPTY_PROMPT_SIZE = (300, 88)
-SMALL_SAVE = (340, 280)  # two Save Image nodes in one column
+SMALL_SAVE = (340, 240)  # two Save Image nodes in one column
 # The empty prompt of the texture samplers: the null text of Capture and the sampler's two prompts.
 EMPTY_EVERYWHERE = "Empty prompt (null text, both prompts)"
 NOTE_WIDTH = 400
@@ -301,10 +301,11 @@ def below(pos: Pos, node_type: str, gap: float = GAP) -> Pos:
     return pos[0], pos[1] + DEFAULT_SIZES[node_type][1] + wl.TITLE_HEIGHT + gap
 
 
-def image_latent(g: Graph, load_at: Pos, scale_at: Pos, image: str, vae: Source, size: int, title: str) -> Node:
+def image_latent(g: Graph, load_at: Pos, scale_at: Pos, image: str, vae: Source, size: int, title: str,
+                 gap: float = GAP) -> Node:
     """LoadImage -> ImageScale (size x size, centre crop) -> VAEEncode under the ImageScale."""
     scale = scaled_image(g, load_at, scale_at, image, size, title)
-    return g.add("VAEEncode", below(scale_at, "ImageScale"), inputs={"pixels": scale.out(0), "vae": vae})
+    return g.add("VAEEncode", below(scale_at, "ImageScale", gap), inputs={"pixels": scale.out(0), "vae": vae})
 
 
 def label_mask(g: Graph, load_at: Pos, scale_at: Pos, image: str, size: int, title: str) -> Node:
@@ -353,9 +354,9 @@ def _capture(g: Graph, pos, model: Source, reference: Node, null: Node, mask: No
 def style_transfer(defs) -> Graph:
     g = Graph("01_sd15_style_transfer", defs)
     ckpt = checkpoint(g, SD15, (B, 0))
-    null = empty_text(g, ckpt.out(1), (B, 150), "Empty prompt (null text)")
-    style = image_latent(g, (B, 300), (C, 380), "style-12.jpg", ckpt.out(2), 512, "Style reference")
-    content = image_latent(g, (B, 680), (C, 700), "content-deer.jpg", ckpt.out(2), 512, "Content photo")
+    null = empty_text(g, ckpt.out(1), (B, 140), "Empty prompt (null text)")
+    style = image_latent(g, (B, 280), (C, 380), "style-12.jpg", ckpt.out(2), 512, "Style reference")
+    content = image_latent(g, (B, 646), (C, 700), "content-deer.jpg", ckpt.out(2), 512, "Content photo")
     ref = _capture(g, (D, 150), ckpt.out(0), style, null)
     result = g.add("LatentADOptimize", (D, 330), {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25,
                                                     "seed": 0, "gradient_checkpointing": "auto"},
@@ -628,11 +629,11 @@ def large_texture(defs) -> Graph:
     g = Graph("10_sd15_large_texture", defs)
     ckpt = checkpoint(g, SD15, (B, 130))
     null = empty_text(g, ckpt.out(1), (B, 0), EMPTY_EVERYWHERE)
-    texture = image_latent(g, (B, 580), (C, 660), "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    texture = image_latent(g, (B, 540), (C, 620), "texture-17.jpg", ckpt.out(2), 512, "Texture reference", gap=20)
     empty = g.add("EmptyLatentImage", (D, 100), {"width": 1024, "height": 512, "batch_size": 1})
-    windows = g.add("ADTextureWindows", (C, 946), {"window_size": 512, "stride": 64})
-    ref = _capture(g, (D, 420), ckpt.out(0), texture, null)
-    guided = g.add("ADLossGuidance", (D, 600), {"lr": 0.05, "iterations": 2, "adain": False, "start_percent": 0.0,
+    windows = g.add("ADTextureWindows", (C, 876), {"window_size": 512, "stride": 64})
+    ref = _capture(g, (D, 380), ckpt.out(0), texture, null)
+    guided = g.add("ADLossGuidance", (D, 560), {"lr": 0.05, "iterations": 2, "adain": False, "start_percent": 0.0,
                                                   "end_percent": 1.0, "noise_seed": 0},
                    {"model": ckpt.out(0), "reference": ref.out(0), "windows": windows.out(0)})
     sampled = g.add("KSampler", (E, 0), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "ddim",
@@ -704,7 +705,7 @@ def decoder_finetune(defs) -> Graph:
     # The Upscale Image feeds the VAE Encode above it and the fine-tuning below it.
     scaled = scaled_image(g, (B, 360), (C, 440), "texture-17.jpg", 512, "Texture reference")
     texture = g.add("VAEEncode", (C, 340), inputs={"pixels": scaled.out(0), "vae": ckpt.out(2)})
-    empty = g.add("EmptyLatentImage", (C, 870), {"width": 512, "height": 512, "batch_size": 1})
+    empty = g.add("EmptyLatentImage", (C, 850), {"width": 512, "height": 512, "batch_size": 1})
     ref = _capture(g, (D, 150), ckpt.out(0), texture, null)
     result = g.add("LatentADOptimize", (D, 330), dict(TEXTURE_OPTIMIZE),
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0)})
@@ -712,7 +713,7 @@ def decoder_finetune(defs) -> Graph:
                   {"vae": ckpt.out(2), "images": scaled.out(0)})
     decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/decoder_original",
                     ("VAE Decode (original decoder)", "Save Image (original decoder)"), SMALL_SAVE)
-    decode_and_save(g, (E, 640), result, tuned.out(0), "AD/decoder_finetuned",
+    decode_and_save(g, (E, 600), result, tuned.out(0), "AD/decoder_finetuned",
                     ("VAE Decode (fine-tuned decoder)", "Save Image (fine-tuned decoder)"), SMALL_SAVE)
     g.note("""
 SD1.5 improved VAE decoding: a decoder fine-tuned on the reference (the paper's improved VAE

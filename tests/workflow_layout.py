@@ -22,8 +22,9 @@ SLOT_HEIGHT = 20
 FIT_VIEW_ZOOM = 0.75
 FIT_VIEW_PADDING = 10
 DETAIL_ZOOM = 8 / 14  # LiteGraph.Canvas.MinFontSizeForLOD (8 px) over NODE_TEXT_SIZE (14 px)
-# The canvas a 1600 px wide browser window gives ComfyUI under its top menu bar.
-REFERENCE_CANVAS = (1600, 860)
+# The canvas ComfyUI v0.3.64's frontend has in a 1600 x 1000 browser window (measured in Chromium: the
+# side bar, the menu and tab bars take the rest).
+REFERENCE_CANVAS = (1536, 779)
 
 
 @dataclass(frozen=True)
