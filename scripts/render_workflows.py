@@ -313,7 +313,7 @@ def screenshot_templates_browser(driver, out: Path) -> None:
     without = [name for name, shown in result["cards"] if not shown]
     if sorted(names) != sorted(p.stem for p in WORKFLOWS.glob("*.json")) or without:
         raise RuntimeError(f"Templates browser: cards {names}; without a picture: {without}")
-    driver.set_window_size(1600, 1000)
+    driver.set_window_size(1600, 1900)  # the pack's twelve cards in one picture
     time.sleep(2.0)
     driver.save_screenshot(str(out / "templates-browser.png"))
     print("Templates browser, in the order shown:\n  " + "\n  ".join(names))
