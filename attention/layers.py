@@ -9,11 +9,13 @@ import torch
 
 from .families import family_for
 from .family import AttentionLayer, ModelFamily, UnsupportedModelError
+from .naming import shown_as_pack
 
 PAPER_DEFAULT_LAYER_COUNT = 6
 PAPER_DEFAULT_SPEC = "paper default"
 
 
+@shown_as_pack
 class LayerSpecError(ValueError):
     """A layer selection that does not fit the model."""
 

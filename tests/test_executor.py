@@ -251,7 +251,7 @@ def test_small_graphs_keep_what_the_workflows_exercise(pack):
     windows_node = pack.NODE_CLASS_MAPPINGS["ADTextureWindows"]()
     seen = set()
     for name in NAMES:
-        prompt = small(wt.load_json(wt.API_WORKFLOWS / f"{name}.json"))
+        prompt = small(wt.load_json(wt.workflow_path(name, api=True)))
         for node in prompt.values():
             inputs = node["inputs"]
             if node["class_type"] == "ADTextureWindows":
@@ -267,9 +267,9 @@ def test_small_graphs_keep_what_the_workflows_exercise(pack):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_in_comfyuis_executor(host, name, pack):
-    ui = wt.load_json(wt.WORKFLOWS / f"{name}.json")
+    ui = wt.load_json(wt.workflow_path(name))
     api = wt.ui_to_api(ui, wt.all_node_defs(pack))
-    assert api == wt.load_json(wt.API_WORKFLOWS / f"{name}.json")
+    assert api == wt.load_json(wt.workflow_path(name, api=True))
     prompt = small(api)
 
     started = time.perf_counter()
@@ -316,3 +316,16 @@ def test_checkpoints_are_detected_as_their_family(host, ckpt_name, family):
     assert isinstance(config, getattr(comfy.supported_models, family)), type(config).__name__
     model_class = {"SD15": comfy.model_base.BaseModel, "SDXL": comfy.model_base.SDXL}[family]
     assert type(config.get_model({}, "model.diffusion_model.", device="meta")) is model_class
+
+
+def test_error_dialog_names_the_pack_not_its_folder(host):
+    """The error ComfyUI sends the frontend names the exception type `attention_distillation.<Class>`,
+    however the pack's folder is named, and starts with the node's name."""
+    prompt = small(wt.load_json(wt.workflow_path("01_sd15_style_transfer", api=True)))
+    capture = next(node for node in prompt.values() if node["class_type"] == "CaptureReferenceAttention")
+    capture["inputs"]["layers"] = "99"
+    success, errors, _ = host.run(prompt)
+    assert not success
+    (message,) = [data for _, data in errors["errors"]]
+    assert message["exception_type"] == "attention_distillation.ADNodeError", message["exception_type"]
+    assert message["exception_message"].startswith("[Capture Reference Attention] layer selection '99'")
