@@ -1,6 +1,6 @@
-"""Rebuild examples/images from the paper's full-size pictures: downscaled copies and the label maps.
+"""Rebuild example-images from the paper's full-size pictures: downscaled copies and the label maps.
 
-The workflows and the quick start read these files (examples/images/SOURCE.md says what each one is).
+The workflows and the quick start read these files (example-images/SOURCE.md says what each one is).
 This script records how they were made, so a change is reviewable rather than a new opaque picture:
 
     python scripts/make_example_images.py --source DIR   # DIR: the paper's images, named as in SOURCE.md
@@ -106,7 +106,7 @@ def rust_layout(side: int = LONG_SIDE) -> Image.Image:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, required=True, help="folder with the full-size pictures")
-    parser.add_argument("--output", type=Path, default=REPO / "examples" / "images", help="default: %(default)s")
+    parser.add_argument("--output", type=Path, default=REPO / "example-images", help="default: %(default)s")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
 

@@ -4,7 +4,7 @@
 
 ComfyUI's frontend (1.27) shows a custom node pack's workflow in its Templates browser with the JPEG of
 the same name beside it. The picture shows what the graph starts from, never a result: the images its
-Load Image nodes name (taken from --images, by default the example images in examples/images), its
+Load Image nodes name (taken from --images, by default the example images in example-images), its
 prompt, and one line on what it makes.
 """
 
@@ -110,7 +110,7 @@ def thumbnail(path: Path, images: Path) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, default=REPO / "examples" / "images",
+    parser.add_argument("--images", type=Path, default=REPO / "example-images",
                         help="folder with the images the workflows' Load Image nodes name")
     args = parser.parse_args(argv)
     for path in sorted(WORKFLOWS.glob("*.json")):

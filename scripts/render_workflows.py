@@ -34,7 +34,7 @@ import workflow_tools  # noqa: E402  (the workflows' slugs: the pictures' names)
 
 WORKFLOWS = REPO / "workflows"
 DEFAULT_OUT = REPO / "docs" / "images" / "workflows"
-DEFAULT_IMAGES = REPO / "examples" / "images"
+DEFAULT_IMAGES = REPO / "example-images"
 MODEL_FOLDERS = {"ckpt_name": "checkpoints", "lora_name": "loras", "control_net_name": "controlnet"}
 SETTINGS = {
     "Comfy.TutorialCompleted": True,

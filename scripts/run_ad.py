@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO / "tests"))  # shared helpers: comfy_env (boot), pack_loader, checkpoints, executor_models
-DEFAULT_IMAGES = REPO / "examples" / "images"  # shipped with the pack: see SOURCE.md there
+DEFAULT_IMAGES = REPO / "example-images"  # shipped with the pack: see SOURCE.md there
 CONTENT_IMAGE = "content-deer.jpg"
 STYLE_IMAGE = "style-1.jpg"
 TEXTURE_IMAGE = "texture-17.jpg"

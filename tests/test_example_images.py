@@ -1,4 +1,4 @@
-"""The example images in examples/images: every file the quick start and the workflows name, label
+"""The example images in example-images: every file the quick start and the workflows name, label
 maps that survive the workflows' resize into every region of the coarsest guided grid, small files."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import workflow_tools as wt
 from PIL import Image
 
-EXAMPLES = wt.REPO / "examples" / "images"
+EXAMPLES = wt.REPO / "example-images"
 # (the reference picture, its labels, the target's labels or layout)
 LABEL_SETS = {
     "02 appearance": ("appearance-reference.png", "appearance-reference-labels.png", "appearance-target-labels.png"),

@@ -8,7 +8,7 @@ ComfyUI's requirements; without them every test here is reported as skipped, wit
 
 The models are random-weight files (tests/executor_models.py) placed under the public file names the
 workflows use, built once into a cache folder ($AD_TEST_CACHE, else ~/.cache/...); the input images
-are the shipped examples (examples/images). Each workflow runs at 64x64 (a wider texture at 128x64)
+are the shipped examples (example-images). Each workflow runs at 64x64 (a wider texture at 128x64)
 with 2 steps (2 epochs for the decoder fine-tune, 64-pixel windows that still make several windows):
 the graph, the node wiring, the loaders, the text encoders, the VAE, ControlNet, LoRA and the pack's
 nodes are all exercised for real; the pictures mean nothing.
@@ -38,7 +38,7 @@ STEPS = 2
 EPOCHS = 2  # of AD Fine-Tune VAE Decoder
 WINDOW, STRIDE = SMALL, SMALL // 2  # AD Texture Windows: a latent wider than SMALL gets several windows
 SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
-EXAMPLE_IMAGES = wt.REPO / "examples" / "images"
+EXAMPLE_IMAGES = wt.REPO / "example-images"
 
 
 def _comfy_root() -> Path | None:
@@ -107,11 +107,11 @@ class Host:
         return placed
 
     def _write_images(self) -> None:
-        """Every image the workflows load, copied from examples/images into input/ as the README says."""
+        """Every image the workflows load, copied from example-images into input/ as the README says."""
         names = {v for path in wt.workflow_files() for n in wt.load_json(path)["nodes"] if n["type"] == "LoadImage"
                  for v in n["widgets_values"][:1]}
         missing = sorted(name for name in names if not (EXAMPLE_IMAGES / name).is_file())
-        assert not missing, f"the workflows load images that examples/images lacks: {missing}"
+        assert not missing, f"the workflows load images that example-images lacks: {missing}"
         for name in sorted(names):
             shutil.copyfile(EXAMPLE_IMAGES / name, self.work / "input" / name)
 
