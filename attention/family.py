@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .naming import shown_as_pack
+
 # Pixels per latent pixel of the image VAE of every supported family (SD1.x, SDXL and Flux VAEs
 # all downsample 8x); the one constant nodes without a MODEL input (AD Texture Windows) may use.
 PIXELS_PER_LATENT = 8
@@ -39,6 +41,7 @@ def backward_capable_attention(func, *args, **kwargs):
     return (sdpa or func)(*args, **kwargs)
 
 
+@shown_as_pack
 class UnsupportedModelError(ValueError):
     """The MODEL is not one any family of this pack can read."""
 

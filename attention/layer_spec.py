@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import re
 
+from .naming import shown_as_pack
+
 PAPER_DEFAULT_LAYER_COUNT = 6
 PAPER_DEFAULT_SPEC = "paper default"
 
 
+@shown_as_pack
 class LayerSpecError(ValueError):
     """A layer selection that does not fit the model."""
 

@@ -23,10 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .naming import shown_as_pack
+
 TILING_MODES: dict[str, tuple[bool, bool]] = {"both": (True, True), "x only": (True, False), "y only": (False, True)}
 UNET_ROOT = "diffusion_model"
 
 
+@shown_as_pack
 class TilingError(ValueError):
     """The model or VAE has nothing this module can tile."""
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..attention.naming import counted, one_or, shown_as_pack
 from ..attention.reference import ADReference
 from ..attention.family import latent_dtype
 from .ad_pass import ad_pass
@@ -47,6 +48,8 @@ OOM_MESSAGE = (
     "size, set gradient_checkpointing on, select fewer or lower-resolution layers, or use fewer references"
 )
 
+
+@shown_as_pack
 class GuidanceInputError(ValueError):
     """An input of AD Loss Guidance that only turns out not to fit once sampling starts."""
 
@@ -160,8 +163,8 @@ class ADGuidanceHook:
         if content is not None:
             if content.shape[0] not in (1, batch):
                 raise GuidanceInputError(
-                    f"AD Loss Guidance: the content latent has {content.shape[0]} images for a batch of {batch}; "
-                    f"give 1 or {batch}"
+                    f"AD Loss Guidance: the content latent has {counted(content.shape[0], 'image')} for a batch of "
+                    f"{batch}; give {one_or(batch, 'image')}"
                 )
             if tuple(content.shape[-2:]) != tuple(latent.shape[-2:]):
                 raise GuidanceInputError(
@@ -170,8 +173,8 @@ class ADGuidanceHook:
                 )
         if self.target_labels is not None and self.target_labels.shape[0] not in (1, batch):
             raise GuidanceInputError(
-                f"AD Loss Guidance: the target mask has {self.target_labels.shape[0]} masks for a batch of {batch}; "
-                f"give 1 or {batch}"
+                f"AD Loss Guidance: the target mask has {counted(self.target_labels.shape[0], 'mask')} for a batch "
+                f"of {batch}; give {one_or(batch, 'mask')}"
             )
 
     def __call__(self, args: dict) -> torch.Tensor:

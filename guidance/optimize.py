@@ -38,6 +38,7 @@ class IterationReport:
     ad: float
     content: float
     skipped: bool = False
+    latent: torch.Tensor | None = None  # the whole latent after this iteration (model space), for previews
 
 
 class RegionMasks:
@@ -170,7 +171,7 @@ def optimize_latent(
                 log.warning("Latent AD Optimize: non-finite loss at timestep %s; update skipped", timestep)
                 warned = True
             if on_iteration is not None:
-                on_iteration(IterationReport(step, iteration, timestep, ad, cl, not finite))
+                on_iteration(IterationReport(step, iteration, timestep, ad, cl, not finite, x.detach()))
     return x.detach()
 
 

@@ -14,6 +14,8 @@ from ..guidance.decoder_tuning import StepReport, TilePlan, clone_module, finetu
 from .common import CATEGORY, MAX_SEED, check_interrupt
 from .errors import reported_as, require
 from .inputs import finite_number, whole_number
+from .loss_plot import Series, loss_curve_image
+from .progress import NodeProgress
 
 NODE = "AD Fine-Tune VAE Decoder"
 MAX_TILE = 16384
@@ -153,10 +155,12 @@ class ADFineTuneVAEDecoder:
     )
     CATEGORY = CATEGORY
     FUNCTION = "finetune"
-    RETURN_TYPES = ("VAE",)
-    RETURN_NAMES = ("vae",)
+    RETURN_TYPES = ("VAE", "IMAGE")
+    RETURN_NAMES = ("vae", "loss_curve")
     OUTPUT_TOOLTIPS = ("A VAE with the fine-tuned decoder (encoder shared with the input VAE): use it in VAE Decode "
-                       "for the AD result.",)
+                       "for the AD result.",
+                       "Plot of the reference's L1 reconstruction loss at every epoch: wire it to Preview Image. "
+                       "Healthy: it falls steadily and flattens out; a rising curve means lr is too high.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -190,31 +194,28 @@ class ADFineTuneVAEDecoder:
             seed = whole_number(NODE, seed, "seed", 0, MAX_SEED)
             if epochs == 0 or lr == 0:
                 log.warning("%s: epochs or lr is 0, so the node returns its VAE unchanged", NODE)
-                return (vae,)
+                return (vae, loss_curve_image([], "epoch", NODE, note="nothing trained: epochs or lr is 0"))
             with posterior_mean(model):
                 latents = vae.encode(pixels)
             targets = vae.process_input(pixels).movedim(-1, 1)
             check_interrupt()
-            trained = self._train(vae, model, latents, targets, epochs, lr, TilePlan(tile_size // ratio, seed))
-            return (tuned_vae(vae, trained),)
+            trained, history = self._train(vae, model, latents, targets, epochs, lr, TilePlan(tile_size // ratio, seed))
+            curve = loss_curve_image([Series("reconstruction L1", history)], "epoch", NODE)
+            return (tuned_vae(vae, trained), curve)
 
     @staticmethod
     def _train(vae: Any, model: torch.nn.Module, latents: torch.Tensor, targets: torch.Tensor, epochs: int,
-               lr: float, plan: TilePlan) -> dict[str, torch.Tensor]:
-        """Fine-tune a float32 copy of the decoder; return its weights by their name in the first stage model."""
+               lr: float, plan: TilePlan) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Fine-tune a float32 copy of the decoder; return its weights by their name in the first stage model,
+        and the loss of every epoch."""
         import comfy.model_management
-        import comfy.utils
 
         device = vae.device
-        progress = comfy.utils.ProgressBar(epochs)
         tile = (1, latents.shape[1], min(plan.tile or latents.shape[-2], latents.shape[-2]),
                 min(plan.tile or latents.shape[-1], latents.shape[-1]))
 
         def on_step(report: StepReport) -> None:
             check_interrupt()
-
-        def on_epoch(epoch: int, loss: float) -> None:
-            progress.update_absolute(epoch + 1)
 
         comfy.model_management.free_memory(training_memory(vae, model, tile), device)
         # Copy the decoder as this VAE decodes: loaded, with its object patches (AD Seamless Tiling's
@@ -223,8 +224,13 @@ class ADFineTuneVAEDecoder:
         with torch.inference_mode(False):
             view = training_view(model, device)
         decoder = getattr(view, TRAINED)
-        history = finetune_decoder(view.decode, decoder.parameters(), latents, targets, epochs, lr, plan,
-                                   on_step=on_step, on_epoch=on_epoch)
+        with NodeProgress(NODE, epochs, unit="epoch") as progress:
+
+            def on_epoch(epoch: int, loss: float) -> None:
+                progress.update(epoch + 1, f"epoch {epoch + 1}/{epochs}\nreconstruction L1 {loss:.4g}", l1=loss)
+
+            history = finetune_decoder(view.decode, decoder.parameters(), latents, targets, epochs, lr, plan,
+                                       on_step=on_step, on_epoch=on_epoch)
         log.info("%s: reference L1 %.4f in the first epoch, %.4f in the last (%d epochs)", NODE, history[0],
                  history[-1], epochs)
-        return {f"{TRAINED}.{name}": p.detach() for name, p in decoder.named_parameters()}
+        return {f"{TRAINED}.{name}": p.detach() for name, p in decoder.named_parameters()}, history

@@ -9,8 +9,10 @@ import torch
 
 from ..attention.layers import LayerSpecError
 from ..attention.family import UnsupportedModelError
+from ..attention.naming import shown_as_pack
 
 
+@shown_as_pack
 class ADNodeError(ValueError):
     """Raised by a node for bad input or a failed AD pass; the message is shown in the UI."""
 

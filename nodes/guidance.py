@@ -24,14 +24,31 @@ from .common import (
 from .errors import reported_as, require
 from .windows import AD_WINDOWS, window_settings
 from .inputs import check_reference_fits, finite_number, latent_samples, mask_batch, whole_number
+from .progress import executing_node_id, send_progress_text
 
 NODE = "AD Loss Guidance"
 MAX_ITERATIONS = 50
 log = logging.getLogger(__name__)
 
 
-def _interrupt_check(_: GuidanceIteration) -> None:
-    check_interrupt()
+class GuidanceProgress:
+    """Cancel between iterations, and each guided step's AD loss (its last iteration's) as text on the
+    running node, the sampler; the sampler's own bar and preview show the rest."""
+
+    def __init__(self, iterations: int, content: bool) -> None:
+        self.iterations = iterations
+        self.content = content
+
+    def text(self, report: GuidanceIteration) -> str:
+        lines = [f"AD guidance, step {report.step + 1}", f"AD loss {report.ad:.4g}"]
+        if self.content:
+            lines.append(f"content loss {report.content:.4g}")
+        return "\n".join(lines)
+
+    def __call__(self, report: GuidanceIteration) -> None:
+        check_interrupt()
+        if report.iteration == self.iterations - 1 or report.skipped:
+            send_progress_text(self.text(report), executing_node_id())
 
 
 class ADLossGuidance:
@@ -225,7 +242,7 @@ class ADLossGuidance:
                 content=content_samples,
                 target_labels=labels,
                 fallback_patcher=patched,
-                on_iteration=_interrupt_check,
+                on_iteration=GuidanceProgress(iterations, content_samples is not None and content_weight != 0),
                 checkpointing=functools.partial(use_checkpointing, gradient_checkpointing),
                 windows=window_choice,
             )

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..attention.naming import counted, one_or
 from .errors import ADNodeError, require
 
 
@@ -19,7 +20,7 @@ def latent_samples(node: str, latent: dict, name: str, channels: int) -> torch.T
     require(
         samples.shape[1] == channels,
         node,
-        f"'{name}' has {samples.shape[1]} channels but the model's latents have {channels}; "
+        f"'{name}' has {counted(samples.shape[1], 'channel')} but the model's latents have {channels}; "
         "encode it with this model's VAE",
     )
     require(bool(torch.isfinite(samples).all()), node, f"'{name}' contains NaN or infinite values")
@@ -33,7 +34,8 @@ def mask_batch(node: str, mask: torch.Tensor, name: str, batch: int) -> torch.Te
     require(mask.ndim == 3, node, f"'{name}' must be a MASK (B, H, W), got shape {tuple(mask.shape)}")
     require(mask.shape[-1] > 0 and mask.shape[-2] > 0, node, f"'{name}' is empty")
     if mask.shape[0] not in (1, batch):
-        raise ADNodeError(node, f"'{name}' has {mask.shape[0]} masks for {batch} latents; give 1 or {batch}")
+        raise ADNodeError(node, f"'{name}' has {counted(mask.shape[0], 'mask')} for {counted(batch, 'latent')}; "
+                                f"give {one_or(batch, 'mask')}")
     return mask
 
 

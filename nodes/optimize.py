@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -23,6 +24,8 @@ from .common import (
 )
 from .errors import reported_as, require
 from .inputs import check_reference_fits, finite_number, latent_samples, mask_batch, whole_number
+from .loss_plot import Series, loss_curve_image
+from .progress import NodeProgress
 from .windows import AD_WINDOWS, window_settings
 
 NODE = "Latent AD Optimize"
@@ -50,8 +53,13 @@ class LatentADOptimize:
     )
     CATEGORY = CATEGORY
     FUNCTION = "optimize"
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The optimized latent, in ComfyUI's LATENT space (ready for VAE Decode).",)
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("LATENT", "loss_curve")
+    OUTPUT_TOOLTIPS = (
+        "The optimized latent, in ComfyUI's LATENT space (ready for VAE Decode).",
+        "Plot of the AD loss (and the content loss, right axis) at every step: wire it to Preview Image. "
+        "Healthy: the AD loss falls fast in the first steps, then levels off.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -87,8 +95,6 @@ class LatentADOptimize:
 
     def optimize(self, model, reference, latent, steps, lr, iterations, content_weight, seed, content=None,
                  target_mask=None, gradient_checkpointing="auto", windows=None):
-        import comfy.utils
-
         with reported_as(NODE):
             require(isinstance(reference, ADReference), NODE, "'reference' must come from Capture Reference Attention")
             base = model.model
@@ -111,7 +117,7 @@ class LatentADOptimize:
             window_choice = window_settings(NODE, windows)
             if lr == 0 or iterations == 0:
                 log.warning("%s: lr or iterations is 0, so the node does nothing and returns its latent unchanged", NODE)
-                return (latent,)
+                return (latent, loss_curve_image([], "step", NODE, note="nothing optimized: lr or iterations is 0"))
             empty = is_empty_latent(samples)
             start = seeded_noise(samples, seed) if empty else None
             if content_samples is None and not empty:
@@ -127,17 +133,58 @@ class LatentADOptimize:
             require(gradient_checkpointing in CHECKPOINTING_CHOICES, NODE,
                     f"'gradient_checkpointing' must be one of {CHECKPOINTING_CHOICES}")
             checkpointing = use_checkpointing(gradient_checkpointing, model, pass_shape)
-            progress = comfy.utils.ProgressBar(steps)
+            use_content = content_samples is not None and content_weight != 0
+            history = StepLosses(steps, use_content)
+            with NodeProgress(NODE, steps, patcher=model) as progress:
 
-            def on_iteration(report: IterationReport) -> None:
-                check_interrupt()
-                if report.iteration == iterations - 1:
-                    progress.update_absolute(report.step + 1)
+                def on_iteration(report: IterationReport) -> None:
+                    check_interrupt()
+                    if report.iteration == iterations - 1:  # a step's losses are its last iteration's
+                        history.record(report)
+                        progress.update(report.step + 1, history.text(report.step), latent=report.latent,
+                                        **history.latest(report.step))
 
-            settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
-            out = optimize_on_model(model, reference, samples, settings, start=start, content=content_samples,
-                                    target_labels=labels, windows=plan, gradient_checkpointing=checkpointing,
-                                    on_iteration=on_iteration, before_window=check_interrupt)
+                settings = OptimizeSettings(steps=steps, lr=lr, iterations=iterations, content_weight=content_weight)
+                out = optimize_on_model(model, reference, samples, settings, start=start, content=content_samples,
+                                        target_labels=labels, windows=plan, gradient_checkpointing=checkpointing,
+                                        on_iteration=on_iteration, before_window=check_interrupt)
+            history.log_summary()
             output = {k: v for k, v in latent.items() if k != "noise_mask"}
             output["samples"] = out
-            return (output,)
+            return (output, loss_curve_image(history.series(), "step", NODE))
+
+
+class StepLosses:
+    """AD and content loss at each step of a run (its last iteration's), for the text on the node,
+    the log line and the loss curve."""
+
+    def __init__(self, steps: int, content: bool) -> None:
+        self.steps = steps
+        self.content = content
+        self.ad = [math.nan] * steps
+        self.content_loss = [math.nan] * steps
+
+    def record(self, report: IterationReport) -> None:
+        self.ad[report.step] = math.nan if report.skipped else report.ad
+        self.content_loss[report.step] = math.nan if report.skipped else report.content
+
+    def latest(self, step: int) -> dict[str, float]:
+        values = {"ad": self.ad[step]}
+        if self.content:
+            values["content"] = self.content_loss[step]
+        return values
+
+    def text(self, step: int) -> str:
+        lines = [f"step {step + 1}/{self.steps}", f"AD loss {self.ad[step]:.4g}"]
+        if self.content:
+            lines.append(f"content loss {self.content_loss[step]:.4g}")
+        return "\n".join(lines)
+
+    def series(self) -> list[Series]:
+        return [Series("AD loss", self.ad)] + ([Series("content loss", self.content_loss)] if self.content else [])
+
+    def log_summary(self) -> None:
+        done = [v for v in self.ad if not math.isnan(v)]
+        if done:
+            log.info("%s: AD loss %.4g at the first step, %.4g at the last (%d steps)", NODE, done[0], done[-1],
+                     self.steps)

@@ -29,9 +29,12 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+import workflow_tools  # noqa: E402  (the workflows' slugs: the pictures' names)
+
 WORKFLOWS = REPO / "workflows"
 DEFAULT_OUT = REPO / "docs" / "images" / "workflows"
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "reference-images"
+DEFAULT_IMAGES = REPO / "example-images"
 MODEL_FOLDERS = {"ckpt_name": "checkpoints", "lora_name": "loras", "control_net_name": "controlnet"}
 SETTINGS = {
     "Comfy.TutorialCompleted": True,
@@ -199,13 +202,19 @@ const [workflow, name, done] = arguments;
   await app.loadGraphData(workflow, true, true, name);
   await new Promise(r => setTimeout(r, 2500));
   const missing = workflow.nodes.map(n => n.type).filter(t => !LiteGraph.registered_node_types[t]);
+  const resized = [];
+  for (const node of app.graph._nodes) {
+    const saved = workflow.nodes.find(n => n.id === node.id).size;
+    if (Math.abs(node.size[0] - saved[0]) > 0.5 || Math.abs(node.size[1] - saved[1]) > 0.5)
+      resized.push(`${node.title}: saved ${saved}, shown ${[node.size[0], node.size[1]]}`);
+  }
   const titleHeight = LiteGraph.NODE_TITLE_HEIGHT;
   let box = [Infinity, Infinity, -Infinity, -Infinity];
   for (const node of app.graph._nodes) {
     box = [Math.min(box[0], node.pos[0]), Math.min(box[1], node.pos[1] - titleHeight),
            Math.max(box[2], node.pos[0] + node.size[0]), Math.max(box[3], node.pos[1] + node.size[1])];
   }
-  done({missing, box, count: app.graph._nodes.length});
+  done({missing, resized, box, count: app.graph._nodes.length});
 })().catch(e => done({error: String(e && e.stack || e)}));
 """
 
@@ -235,6 +244,8 @@ def render(driver, url: str, path: Path, out: Path) -> None:
         raise RuntimeError(f"{path.name}: the frontend could not load it: {result['error']}")
     if result["missing"]:
         raise RuntimeError(f"{path.name}: node types unknown to the frontend (red nodes): {result['missing']}")
+    if result["resized"]:
+        raise RuntimeError(f"{path.name}: the frontend resized nodes on load: {result['resized']}")
     box = result["box"]
     width = int((box[2] - box[0]) * SCALE) + 2 * MARGIN
     height = int((box[3] - box[1]) * SCALE) + 2 * MARGIN
@@ -253,10 +264,73 @@ def render(driver, url: str, path: Path, out: Path) -> None:
     shot.unlink()
     if picture.width > MAX_WIDTH:
         picture = picture.resize((MAX_WIDTH, round(picture.height * MAX_WIDTH / picture.width)), Image.LANCZOS)
-    target = out / f"{path.stem}.png"
+    target = out / f"{workflow_tools.slug_of(path)}.png"
     picture.save(target, optimize=True)
     print(f"{target.relative_to(REPO) if target.is_relative_to(REPO) else target}: {result['count']} nodes, "
           f"{picture.width}x{picture.height}")
+
+
+TEMPLATES_SCRIPT = """
+const [pack, done] = arguments;
+(async () => {
+  await app.extensionManager.command.execute('Comfy.BrowseTemplates');
+  await new Promise(r => setTimeout(r, 2500));
+  const entry = [...document.querySelectorAll('.p-dialog li, .p-dialog a, .p-dialog button, .p-dialog span')]
+    .find(e => e.textContent.trim() === pack);
+  if (!entry) return done({error: 'no category ' + pack + ' in the Templates browser'});
+  entry.click();
+  await new Promise(r => setTimeout(r, 3000));
+  const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')].map(card => {
+    const picture = card.querySelector('img');
+    return [card.dataset.testid.replace('template-workflow-', ''), !!picture && picture.naturalWidth > 0];
+  });
+  done({cards});
+})().catch(e => done({error: String(e && e.stack || e)}));
+"""
+
+HELP_SCRIPT = """
+const [node, done] = arguments;
+(async () => {
+  await app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
+  await new Promise(r => setTimeout(r, 1500));
+  const stores = document.getElementById('vue-app').__vue_app__.config.globalProperties.$pinia._s;
+  stores.get('nodeHelp').openHelp(stores.get('nodeDef').nodeDefsByName[node]);
+  await new Promise(r => setTimeout(r, 2500));
+  const panel = document.querySelector('.side-bar-panel');
+  done(panel ? panel.getBoundingClientRect().width : -1);
+})().catch(e => done({error: String(e && e.stack || e)}));
+"""
+
+
+def screenshot_templates_browser(driver, out: Path) -> None:
+    """The Templates browser on this pack's category: every workflow's card has its picture."""
+    driver.set_window_size(1600, 3200)  # every card in view: pictures load when their card is seen
+    time.sleep(1.0)
+    result = driver.execute_async_script(TEMPLATES_SCRIPT, pack_folder_name())
+    if "error" in result:
+        raise RuntimeError(f"Templates browser: {result['error']}")
+    names = [name for name, _ in result["cards"]]
+    without = [name for name, shown in result["cards"] if not shown]
+    if sorted(names) != sorted(p.stem for p in WORKFLOWS.glob("*.json")) or without:
+        raise RuntimeError(f"Templates browser: cards {names}; without a picture: {without}")
+    driver.set_window_size(1600, 1900)  # the pack's twelve cards in one picture
+    time.sleep(2.0)
+    driver.save_screenshot(str(out / "templates-browser.png"))
+    print("Templates browser, in the order shown:\n  " + "\n  ".join(names))
+    driver.execute_script("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'}))")
+    driver.find_element("tag name", "body").send_keys("\ue00c")  # Escape closes the dialog
+    time.sleep(1.0)
+
+
+def screenshot_help_sidebar(driver, out: Path, node: str = "LatentADOptimize") -> None:
+    """The node library's help panel on one of this pack's nodes."""
+    width = driver.execute_async_script(HELP_SCRIPT, node)
+    if isinstance(width, dict):
+        raise RuntimeError(f"help sidebar: {width['error']}")
+    driver.save_screenshot(str(out / "help-sidebar.png"))
+    print(f"help sidebar: {width:.0f} px wide")
+    driver.execute_script("app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library')")
+    time.sleep(1.0)
 
 
 def check_help_pages(port: int) -> None:
@@ -280,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workflows = sorted(WORKFLOWS.glob("*.json"))
     if args.only:
-        workflows = [p for p in workflows if p.stem in args.only]
+        workflows = [p for p in workflows if workflow_tools.slug_of(p) in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="ad-render-"))
     process = None
@@ -299,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
         time.sleep(3)
         check_help_pages(port)
+        if not args.only:
+            screenshot_templates_browser(driver, args.out.parent)
+            screenshot_help_sidebar(driver, args.out.parent)
+            driver.set_window_size(1920, 1200)
+            time.sleep(1.0)
         focus_mode(driver)
         for path in workflows:
             render(driver, url, path, args.out)

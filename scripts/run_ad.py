@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO / "tests"))  # shared helpers: comfy_env (boot), pack_loader, checkpoints, executor_models
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "reference-images"
+DEFAULT_IMAGES = REPO / "example-images"  # shipped with the pack: see SOURCE.md there
 CONTENT_IMAGE = "content-deer.jpg"
 STYLE_IMAGE = "style-1.jpg"
 TEXTURE_IMAGE = "texture-17.jpg"
@@ -235,7 +235,7 @@ def run_task(pack, label, model, vae, conditioning, reference_image, latent, set
     (ad_reference,) = getattr(capture, capture.FUNCTION)(model, reference, conditioning, "paper default")
     comfy.utils.set_progress_bar_global_hook(progress_printer(label))
     try:
-        (result,) = getattr(optimize, optimize.FUNCTION)(model, ad_reference, latent, seed=seed, **settings)
+        result, _loss_curve = getattr(optimize, optimize.FUNCTION)(model, ad_reference, latent, seed=seed, **settings)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     image = vae.decode(result["samples"])

@@ -25,7 +25,7 @@ def optimize(patcher, ref, latent: torch.Tensor, steps=4, lr=0.05, iterations=1,
     from attention_distillation_pack.nodes.optimize import LatentADOptimize
 
     with torch.inference_mode():
-        (out,) = LatentADOptimize().optimize(patcher, ref, {"samples": latent}, steps, lr, iterations, weight, seed, **kwargs)
+        out, _ = LatentADOptimize().optimize(patcher, ref, {"samples": latent}, steps, lr, iterations, weight, seed, **kwargs)
     return out["samples"]
 
 

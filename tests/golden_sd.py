@@ -46,7 +46,7 @@ def _optimize(model, ref, latent: torch.Tensor, steps: int, lr: float, iteration
               **kwargs) -> torch.Tensor:
     from attention_distillation_pack.nodes.optimize import LatentADOptimize
 
-    (out,) = LatentADOptimize().optimize(model, ref, {"samples": latent}, steps, lr, iterations, weight, seed, **kwargs)
+    out, _curve = LatentADOptimize().optimize(model, ref, {"samples": latent}, steps, lr, iterations, weight, seed, **kwargs)
     return out["samples"]
 
 

@@ -382,7 +382,7 @@ def test_out_of_memory_is_reported_with_advice(pack, monkeypatch):
 def test_node_schema(pack):
     cls = pack.NODE_CLASS_MAPPINGS["ADFineTuneVAEDecoder"]
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["ADFineTuneVAEDecoder"] == "AD Fine-Tune VAE Decoder"
-    assert cls.RETURN_TYPES == ("VAE",) and cls.RETURN_NAMES == ("vae",) and cls.FUNCTION == "finetune"
+    assert cls.RETURN_TYPES == ("VAE", "IMAGE") and cls.RETURN_NAMES == ("vae", "loss_curve") and cls.FUNCTION == "finetune"
     required = cls.INPUT_TYPES()["required"]
     assert list(required) == ["vae", "images", "epochs", "lr", "tile_size", "seed"]
     assert required["epochs"][1]["default"] == 75 and required["lr"][1]["default"] == 0.0001

@@ -8,10 +8,10 @@ ComfyUI's requirements; without them every test here is reported as skipped, wit
 
 The models are random-weight files (tests/executor_models.py) placed under the public file names the
 workflows use, built once into a cache folder ($AD_TEST_CACHE, else ~/.cache/...); the input images
-are generated. Each workflow runs at 64x64 (a wider texture at 128x64) with 2 steps (2 epochs for
-the decoder fine-tune, 64-pixel windows that still make several windows): the graph, the node
-wiring, the loaders, the text encoders, the VAE, ControlNet, LoRA and the pack's nodes are all
-exercised for real; the pictures mean nothing.
+are the shipped examples (example-images). Each workflow runs at 64x64 (a wider texture at 128x64)
+with 2 steps (2 epochs for the decoder fine-tune, 64-pixel windows that still make several windows):
+the graph, the node wiring, the loaders, the text encoders, the VAE, ControlNet, LoRA and the pack's
+nodes are all exercised for real; the pictures mean nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import asyncio
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -37,6 +38,7 @@ STEPS = 2
 EPOCHS = 2  # of AD Fine-Tune VAE Decoder
 WINDOW, STRIDE = SMALL, SMALL // 2  # AD Texture Windows: a latent wider than SMALL gets several windows
 SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
+EXAMPLE_IMAGES = wt.REPO / "example-images"
 
 
 def _comfy_root() -> Path | None:
@@ -105,27 +107,13 @@ class Host:
         return placed
 
     def _write_images(self) -> None:
-        """Every image the workflows load: smooth colour photos, and grey-level label maps."""
-        from PIL import Image
-
-        rng = np.random.default_rng(0)
+        """Every image the workflows load, copied from example-images into input/ as the README says."""
         names = {v for path in wt.workflow_files() for n in wt.load_json(path)["nodes"] if n["type"] == "LoadImage"
                  for v in n["widgets_values"][:1]}
+        missing = sorted(name for name in names if not (EXAMPLE_IMAGES / name).is_file())
+        assert not missing, f"the workflows load images that example-images lacks: {missing}"
         for name in sorted(names):
-            height, width = 80, 96  # not square: ImageScale's centre crop has work to do
-            if "labels" in name:  # a reference's regions: three grey levels
-                levels = np.zeros((height, width), np.uint8)
-                levels[:, width // 3:] = 128
-                levels[height // 2:, 2 * width // 3:] = 255
-                pixels = np.repeat(levels[..., None], 3, axis=2)
-            elif "layout" in name:  # a target layout: a white disc on black, inside the centre crop
-                rows, cols = np.mgrid[:height, :width]
-                disc = (rows - height / 2) ** 2 + (cols - width / 2) ** 2 < (height / 3) ** 2
-                pixels = np.repeat(np.where(disc, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
-            else:
-                base = rng.uniform(0, 255, (height // 8, width // 8, 3)).astype(np.uint8)
-                pixels = np.asarray(Image.fromarray(base).resize((width, height), Image.BICUBIC))
-            Image.fromarray(pixels).save(self.work / "input" / name)
+            shutil.copyfile(EXAMPLE_IMAGES / name, self.work / "input" / name)
 
     def live_object_info(self, name: str) -> dict:
         """/object_info of a node type, as ComfyUI's server computes it (server.py node_info)."""
@@ -263,7 +251,7 @@ def test_small_graphs_keep_what_the_workflows_exercise(pack):
     windows_node = pack.NODE_CLASS_MAPPINGS["ADTextureWindows"]()
     seen = set()
     for name in NAMES:
-        prompt = small(wt.load_json(wt.API_WORKFLOWS / f"{name}.json"))
+        prompt = small(wt.load_json(wt.workflow_path(name, api=True)))
         for node in prompt.values():
             inputs = node["inputs"]
             if node["class_type"] == "ADTextureWindows":
@@ -279,9 +267,9 @@ def test_small_graphs_keep_what_the_workflows_exercise(pack):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_in_comfyuis_executor(host, name, pack):
-    ui = wt.load_json(wt.WORKFLOWS / f"{name}.json")
+    ui = wt.load_json(wt.workflow_path(name))
     api = wt.ui_to_api(ui, wt.all_node_defs(pack))
-    assert api == wt.load_json(wt.API_WORKFLOWS / f"{name}.json")
+    assert api == wt.load_json(wt.workflow_path(name, api=True))
     prompt = small(api)
 
     started = time.perf_counter()
@@ -328,3 +316,16 @@ def test_checkpoints_are_detected_as_their_family(host, ckpt_name, family):
     assert isinstance(config, getattr(comfy.supported_models, family)), type(config).__name__
     model_class = {"SD15": comfy.model_base.BaseModel, "SDXL": comfy.model_base.SDXL}[family]
     assert type(config.get_model({}, "model.diffusion_model.", device="meta")) is model_class
+
+
+def test_error_dialog_names_the_pack_not_its_folder(host):
+    """The error ComfyUI sends the frontend names the exception type `attention_distillation.<Class>`,
+    however the pack's folder is named, and starts with the node's name."""
+    prompt = small(wt.load_json(wt.workflow_path("01_sd15_style_transfer", api=True)))
+    capture = next(node for node in prompt.values() if node["class_type"] == "CaptureReferenceAttention")
+    capture["inputs"]["layers"] = "99"
+    success, errors, _ = host.run(prompt)
+    assert not success
+    (message,) = [data for _, data in errors["errors"]]
+    assert message["exception_type"] == "attention_distillation.ADNodeError", message["exception_type"]
+    assert message["exception_message"].startswith("[Capture Reference Attention] layer selection '99'")

@@ -87,6 +87,31 @@ def test_mask_rules(pack, sd15):
         capture(patcher, torch.zeros(2, 4, 8, 8), tm.conditioning(), reference_mask=torch.zeros(3, 64, 64))
 
 
+
+@pytest.mark.parametrize("references, masks, message", [
+    (1, 2, "'reference_mask' has 2 masks for 1 latent; give 1 mask"),
+    (2, 3, "'reference_mask' has 3 masks for 2 latents; give 1 or 2 masks"),
+    (3, 2, "'reference_mask' has 2 masks for 3 latents; give 1 or 3 masks"),
+])
+def test_batch_messages_read_naturally_for_every_count(pack, sd15, references, masks, message):
+    patcher, _ = sd15
+    with pytest.raises(_error(pack)) as info:
+        capture(patcher, torch.zeros(references, 4, 8, 8), tm.conditioning(), reference_mask=torch.zeros(masks, 64, 64))
+    assert str(info.value) == f"[Capture Reference Attention] {message}"
+
+
+def test_error_types_read_as_the_pack_in_the_ui(pack):
+    """ComfyUI's error dialog names a type `<module>.<class>` (execution.full_type_name); a pack loaded
+    by path would otherwise show its folder's path there."""
+    from attention_distillation_pack.attention.layers import LayerSpecError
+    from attention_distillation_pack.attention.tiling import TilingError
+    from attention_distillation_pack.attention.unet_pass import UnsupportedModelError
+    from attention_distillation_pack.guidance.guided import GuidanceInputError
+
+    for error in (_error(pack), GuidanceInputError, LayerSpecError, TilingError, UnsupportedModelError):
+        assert f"{error.__module__}.{error.__qualname__}" == f"attention_distillation.{error.__name__}"
+        assert issubclass(error, ValueError)
+
 def test_one_pixel_masks_work(pack, sd15):
     patcher, _ = sd15
     ref = capture(patcher, torch.randn(1, 4, 8, 8), tm.conditioning(), reference_mask=torch.ones(1, 1, 1))

@@ -24,8 +24,8 @@ def _run_node(patcher, reference, latent, cond, steps, lr, iterations, weight, r
     with torch.inference_mode():
         (ref,) = CaptureReferenceAttention().capture(patcher, {"samples": reference}, cond, "2-6",
                                                      reference_mask=ref_mask)
-        (out,) = LatentADOptimize().optimize(patcher, ref, {"samples": latent}, steps, lr, iterations, weight, 0,
-                                             target_mask=tgt_mask)
+        out, _ = LatentADOptimize().optimize(patcher, ref, {"samples": latent}, steps, lr, iterations, weight, 0,
+                                              target_mask=tgt_mask)
     return out["samples"]
 
 

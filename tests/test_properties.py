@@ -54,7 +54,7 @@ def test_optimize_inputs(pack, model, steps, lr, iterations, weight, seed, batch
             with pytest.raises(_error(pack)):
                 LatentADOptimize().optimize(model, ref, latent, steps, lr, iterations, weight, seed, content=content)
             return
-        (out,) = LatentADOptimize().optimize(model, ref, latent, steps, lr, iterations, weight, seed, content=content)
+        out, _ = LatentADOptimize().optimize(model, ref, latent, steps, lr, iterations, weight, seed, content=content)
     assert out["samples"].shape == latent["samples"].shape
     assert torch.isfinite(out["samples"]).all()
 

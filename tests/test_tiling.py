@@ -499,7 +499,7 @@ def test_a_fine_tuned_tiled_vae_still_tiles(pack, mods, unet, vae):
     decode(vae, latent(1, (1, 4, 4, 4)))  # the untiled VAE was loaded last: the copy must not see it
     image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        (tuned,) = decoder_node.ADFineTuneVAEDecoder().finetune(tiled, image, 1, 1e-4, 0, 0)
+        tuned, _ = decoder_node.ADFineTuneVAEDecoder().finetune(tiled, image, 1, 1e-4, 0, 0)
     z = latent(5, (1, 4, 6, 8))
     error = (decode(tuned, roll(z, 1, 1)) - roll_image(decode(tuned, z), VAE_SCALE, VAE_SCALE)).abs().max().item()
     assert error < 1e-4

@@ -33,11 +33,11 @@ def defs(pack):
 
 
 def _ui(name: str) -> dict:
-    return wt.load_json(wt.WORKFLOWS / f"{name}.json")
+    return wt.load_json(wt.workflow_path(name))
 
 
 def _api(name: str) -> dict:
-    return wt.load_json(wt.API_WORKFLOWS / f"{name}.json")
+    return wt.load_json(wt.workflow_path(name, api=True))
 
 
 def _only(api: dict, class_type: str) -> dict:
@@ -74,8 +74,9 @@ def test_fixture_holds_every_listed_core_type():
 
 
 def test_the_workflow_set():
-    assert [p.stem for p in wt.workflow_files()] == NAMES
-    assert sorted(p.stem for p in wt.API_WORKFLOWS.glob("*.json")) == NAMES
+    assert list(wt.TITLES) == NAMES
+    assert [p.stem for p in wt.workflow_files()] == [wt.TITLES[name] for name in NAMES]
+    assert sorted(p.stem for p in wt.API_WORKFLOWS.glob("*.json")) == [wt.TITLES[name] for name in NAMES]
 
 
 def test_files_are_what_the_builder_writes(defs):

@@ -8,7 +8,10 @@ import pytest
 import workflow_tools as wt
 
 WEB = wt.REPO / "web"
-ROW = re.compile(r"^\| `(?P<name>[a-z_]+)` \| (?P<type>[A-Z_]+) \| (?P<default>[^|]*) \|", re.M)
+# One input per list item (a table does not fit the 253 px help sidebar):
+#   - **`lr`** · FLOAT · default 0.015 (0 to 1): what it is, and when to change it
+ROW = re.compile(r"^- \*\*`(?P<name>[a-z_]+)`\*\* · (?P<type>[A-Z_]+)(?: · (?P<default>[^:]+))?: \S", re.M)
+SIDEBAR_CHARACTERS = 30  # the longest word that fits one line of the help sidebar (253 px)
 
 
 def _readme_section(title: str) -> str:
@@ -46,22 +49,33 @@ def test_help_page_documents_every_input_with_its_default(pack, node):
         row = rows[item.name]
         assert row["type"] == item.type, item.name
         expected = _expected_default(item.options, item.type)
-        cell = row["default"].strip()
+        cell = (row["default"] or "").strip()
         if expected is None:
-            assert cell in ("–", "not connected") or cell.startswith("the "), f"{item.name}: {cell}"
+            assert cell in ("", "optional") or cell.startswith("optional, "), f"{item.name}: {cell}"
+            assert (cell != "") == (item.section == "optional"), f"{item.name}: say whether it is optional"
         else:
-            assert cell.split(" (")[0] == expected, f"{item.name}: page says {cell}, the node {expected}"
+            assert cell.removeprefix("default ").split(" (")[0] == expected, f"{item.name}: page says {cell}, the node {expected}"
         bounds = re.search(r"\((\S+) to (\S+)\)", cell)
         if bounds:
             assert (float(bounds[1]), float(bounds[2])) == (item.options["min"], item.options["max"]), item.name
     assert "## Errors" in page
 
 
+@pytest.mark.parametrize("page", sorted((WEB / "docs").glob("*.md")), ids=lambda p: p.stem)
+def test_help_page_fits_the_help_sidebar(page):
+    """ComfyUI's node help opens in a 253 px sidebar: no tables (their last column is cut off there) and no
+    word too long to wrap."""
+    text = page.read_text(encoding="utf-8")
+    assert not re.search(r"^\s*\|", text, re.M), "tables do not fit the help sidebar; use one list item per row"
+    long_words = [w for w in re.findall(r"\S+", text) if len(w.strip("*`_()[].,:;")) > SIDEBAR_CHARACTERS]
+    assert not long_words, long_words
+
+
 def test_readme_shows_every_workflow_and_its_picture():
     section = _readme_section("Workflows")
     for path in wt.workflow_files():
         assert f"`{path.name}`" in section, path.name
-        picture = f"docs/images/workflows/{path.stem}.png"
+        picture = f"docs/images/workflows/{wt.slug_of(path)}.png"
         assert f"]({picture})" in section, picture
         assert (wt.REPO / picture).is_file(), picture
     for folder, files in wt.MODEL_FILES.items():

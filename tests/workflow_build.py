@@ -11,6 +11,7 @@ conversion) and that they are what this script writes.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import workflow_layout as wl  # noqa: E402
 import workflow_tools as wt  # noqa: E402
 
 FRONTEND_VERSION = "1.27.10"  # comfyui-frontend-package pinned by ComfyUI v0.3.64
@@ -62,29 +64,46 @@ POSITIVE_COLORS = ("#232", "#353")
 NEGATIVE_COLORS = ("#322", "#533")
 NOTE_COLORS = ("#432", "#653")
 PACK_COLORS = ("#223", "#335")
+# Node sizes: the height (and at least the width) that frontend 1.27.10 computes for each node from its
+# sockets and widgets (LGraphNode.computeSize), so nothing is resized when a file opens; wider where a
+# file name or a title needs it, larger where the node shows an image or text.
+# scripts/render_workflows.py fails when the real frontend resizes a node on load.
 DEFAULT_SIZES = {
     "CheckpointLoaderSimple": (315, 98),
     "LoraLoader": (315, 126),
-    "CLIPTextEncode": (400, 160),
-    "LoadImage": (315, 314),
-    "ImageScale": (315, 130),
-    "ImageToMask": (315, 58),
+    "CLIPTextEncode": (315, 120),
+    "LoadImage": (315, 326),
+    "ImageScale": (250, 130),
+    "ImageToMask": (250, 58),
     "VAEEncode": (210, 46),
     "VAEDecode": (210, 46),
-    "EmptyLatentImage": (315, 106),
+    "EmptyLatentImage": (250, 106),
     "KSampler": (315, 262),
-    "SaveImage": (400, 440),
-    "PreviewImage": (300, 320),
-    "Canny": (315, 82),
-    "ControlNetLoader": (380, 58),
-    "ControlNetApplyAdvanced": (315, 186),
-    "CaptureReferenceAttention": (340, 150),
-    "LatentADOptimize": (340, 262),
-    "ADLossGuidance": (340, 290),
-    "ADSeamlessTiling": (315, 78),
-    "ADTextureWindows": (315, 82),
-    "ADFineTuneVAEDecoder": (340, 178),
+    "SaveImage": (340, 380),
+    "PreviewImage": (250, 200),
+    "Canny": (250, 82),
+    "ControlNetLoader": (315, 58),
+    "ControlNetApplyAdvanced": (250, 186),
+    "CaptureReferenceAttention": (340, 142),
+    "LatentADOptimize": (340, 302),
+    "ADLossGuidance": (340, 330),
+    "ADSeamlessTiling": (250, 78),
+    "ADTextureWindows": (250, 82),
+    "ADFineTuneVAEDecoder": (250, 174),
 }
+EMPTY_PROMPT_SIZE = (300, 88)
+SMALL_SAVE = (340, 240)  # two Save Image nodes in one column
+# The empty prompt of the texture samplers: the null text of Capture and the sampler's two prompts.
+EMPTY_EVERYWHERE = "Empty prompt (null text, both prompts)"
+NOTE_WIDTH = 400
+Pos = tuple[float, float]
+READABLE_ZOOM = 0.6
+GAP = 40  # between a node and the title bar of the node under it
+# Columns, left to right: the Read me note, loaders and images, image processing, AD nodes, outputs.
+# Links that drop far between two neighbouring columns bulge sideways, so the first gap is wider.
+A, B, C, D, E = 0, 440, 865, 1175, 1575
+# With several image chains stacked, their links rise far into the AD nodes: a wide gap before those too.
+D_WIDE, E_WIDE = D + 50, E + 50
 
 
 def pack_identity() -> tuple[str, str]:
@@ -195,11 +214,24 @@ class Graph:
         entry["link"] = link_id
         source.outputs[slot]["links"] = (source.outputs[slot]["links"] or []) + [link_id]
 
-    def note(self, pos: tuple[float, float], text: str, size: tuple[float, float] = (460, 360),
-             title: str = "Read me") -> Node:
-        node = Node(len(self.nodes) + 1, "Note", pos, size, [unwrap(text)], title=title, colors=NOTE_COLORS)
+    def note(self, text: str, title: str = "Read me") -> Node:
+        """The Read me note, top left where a reader starts, as tall as the graph beside it."""
+        bottom = max(node.pos[1] + node.size[1] for node in self.nodes)
+        node = Node(len(self.nodes) + 1, "Note", (A, 0), (NOTE_WIDTH, max(bottom, 400)), [unwrap(text)], title=title,
+                    colors=NOTE_COLORS)
         self.nodes.append(node)
         return node
+
+    @staticmethod
+    def opening_view(ui: dict) -> dict:
+        """The view a file opens with: the whole graph from its top-left corner at the zoom Fit View would
+        pick on a 1600 px wide window (not above 100 %); where that zoom is too small to read, the note
+        and the first nodes at a readable zoom."""
+        frame = wl.bounds(ui)
+        scale = min(1.0, math.floor(wl.fit_view_zoom(ui) * 100) / 100)
+        if scale < wl.DETAIL_ZOOM:  # the whole graph would be blank boxes: open on the note, readable
+            scale = READABLE_ZOOM
+        return {"scale": scale, "offset": [-frame.left, -frame.top]}
 
     def _order(self) -> dict[int, int]:
         """Execution order as the frontend stores it: nodes without inputs first, then topologically."""
@@ -236,7 +268,7 @@ class Graph:
             if node.colors:
                 data["color"], data["bgcolor"] = node.colors
             nodes.append(data)
-        return {
+        ui = {
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "attention-distillation-workflow/" + self.name)),
             "revision": 0,
             "last_node_id": len(self.nodes),
@@ -245,9 +277,11 @@ class Graph:
             "links": self.links,
             "groups": [],
             "config": {},
-            "extra": {"ds": {"scale": 0.7, "offset": [60, 60]}, "frontendVersion": FRONTEND_VERSION},
+            "extra": {"ds": {}, "frontendVersion": FRONTEND_VERSION},
             "version": 0.4,
         }
+        ui["extra"]["ds"] = self.opening_view(ui)
+        return ui
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------
@@ -255,42 +289,50 @@ class Graph:
 Source = tuple  # (node, output slot)
 
 
-def scaled_image(g: Graph, x: float, y: float, image: str, size: int, title: str) -> Node:
+def scaled_image(g: Graph, load_at: Pos, scale_at: Pos, image: str, size: int, title: str) -> Node:
     """LoadImage -> ImageScale (size x size, centre crop, like the reference code's resize)."""
-    load = g.add("LoadImage", (x, y), {"image": image}, title=title)
-    return g.add("ImageScale", (x + 340, y), {"upscale_method": "lanczos", "width": size, "height": size,
-                                               "crop": "center"}, {"image": load.out(0)})
+    load = g.add("LoadImage", load_at, {"image": image}, title=title)
+    return g.add("ImageScale", scale_at, {"upscale_method": "lanczos", "width": size, "height": size,
+                                          "crop": "center"}, {"image": load.out(0)})
 
 
-def image_latent(g: Graph, x: float, y: float, image: str, vae: Source, size: int, title: str) -> Node:
-    """LoadImage -> ImageScale (size x size, centre crop) -> VAEEncode."""
-    scale = scaled_image(g, x, y, image, size, title)
-    return g.add("VAEEncode", (x + 340, y + 170), inputs={"pixels": scale.out(0), "vae": vae})
+def below(pos: Pos, node_type: str, gap: float = GAP) -> Pos:
+    """The place under a node of `node_type` at `pos`, clear of its body and the next title bar."""
+    return pos[0], pos[1] + DEFAULT_SIZES[node_type][1] + wl.TITLE_HEIGHT + gap
 
 
-def label_mask(g: Graph, x: float, y: float, image: str, size: int, title: str) -> Node:
+def image_latent(g: Graph, load_at: Pos, scale_at: Pos, image: str, vae: Source, size: int, title: str,
+                 gap: float = GAP) -> Node:
+    """LoadImage -> ImageScale (size x size, centre crop) -> VAEEncode under the ImageScale."""
+    scale = scaled_image(g, load_at, scale_at, image, size, title)
+    return g.add("VAEEncode", below(scale_at, "ImageScale", gap), inputs={"pixels": scale.out(0), "vae": vae})
+
+
+def label_mask(g: Graph, load_at: Pos, scale_at: Pos, image: str, size: int, title: str) -> Node:
     """A region-label map: grey levels of the red channel, resized without blending labels."""
-    load = g.add("LoadImage", (x, y), {"image": image}, title=title)
-    scale = g.add("ImageScale", (x + 340, y), {"upscale_method": "nearest-exact", "width": size, "height": size,
-                                                "crop": "center"}, {"image": load.out(0)})
-    return g.add("ImageToMask", (x + 340, y + 170), {"channel": "red"}, {"image": scale.out(0)})
+    load = g.add("LoadImage", load_at, {"image": image}, title=title)
+    scale = g.add("ImageScale", scale_at, {"upscale_method": "nearest-exact", "width": size, "height": size,
+                                           "crop": "center"}, {"image": load.out(0)})
+    return g.add("ImageToMask", below(scale_at, "ImageScale"), {"channel": "red"}, {"image": scale.out(0)})
 
 
-def checkpoint(g: Graph, name: str, y: float = 0) -> Node:
-    return g.add("CheckpointLoaderSimple", (0, y), {"ckpt_name": name})
+def checkpoint(g: Graph, name: str, pos: Pos = (0, 0)) -> Node:
+    return g.add("CheckpointLoaderSimple", pos, {"ckpt_name": name})
 
 
 def empty_text(g: Graph, clip: Source, pos: tuple[float, float], title: str) -> Node:
     return g.add("CLIPTextEncode", pos, {"text": ""}, {"clip": clip}, title=title, colors=NEGATIVE_COLORS,
-                 size=(400, 110))
+                 size=EMPTY_PROMPT_SIZE)
 
 
-def decode_and_save(g: Graph, x: float, y: float, latent: Node, vae: Source, prefix: str,
-                    titles: tuple[str, str] | None = None) -> Node:
+def decode_and_save(g: Graph, pos: Pos, latent: Node, vae: Source, prefix: str,
+                    titles: tuple[str, str] | None = None, save_size: Pos | None = None) -> Node:
+    """VAEDecode with SaveImage under it."""
     decode_title, save_title = titles or (None, None)
-    decode = g.add("VAEDecode", (x, y), inputs={"samples": latent.out(0), "vae": vae}, title=decode_title,
-                   size=(300, 46) if decode_title else None)
-    return g.add("SaveImage", (x, y + 90), {"filename_prefix": prefix}, {"images": decode.out(0)}, title=save_title)
+    decode = g.add("VAEDecode", pos, inputs={"samples": latent.out(0), "vae": vae}, title=decode_title,
+                   size=(DEFAULT_SIZES["SaveImage"][0], 46) if decode_title else None)
+    return g.add("SaveImage", below(pos, "VAEDecode"), {"filename_prefix": prefix}, {"images": decode.out(0)},
+                 title=save_title, size=save_size)
 
 
 COMMON_NOTE = """
@@ -311,16 +353,16 @@ def _capture(g: Graph, pos, model: Source, reference: Node, null: Node, mask: No
 
 def style_transfer(defs) -> Graph:
     g = Graph("01_sd15_style_transfer", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
-    style = image_latent(g, 0, 200, "style-12.jpg", ckpt.out(2), 512, "Style reference")
-    content = image_latent(g, 0, 580, "content-deer.jpg", ckpt.out(2), 512, "Content photo")
-    ref = _capture(g, (840, 0), ckpt.out(0), style, null)
-    result = g.add("LatentADOptimize", (840, 220), {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25,
+    ckpt = checkpoint(g, SD15, (B, 0))
+    null = empty_text(g, ckpt.out(1), (B, 140), "Empty prompt (null text)")
+    style = image_latent(g, (B, 280), (C, 380), "style-12.jpg", ckpt.out(2), 512, "Style reference")
+    content = image_latent(g, (B, 646), (C, 700), "content-deer.jpg", ckpt.out(2), 512, "Content photo")
+    ref = _capture(g, (D, 150), ckpt.out(0), style, null)
+    result = g.add("LatentADOptimize", (D, 330), {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25,
                                                     "seed": 0, "gradient_checkpointing": "auto"},
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": content.out(0)})
-    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/style_transfer")
-    g.note((1680, 0), """
+    decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/style_transfer")
+    g.note("""
 SD1.5 style transfer by optimization (Attention Distillation, the reference code's defaults).
 
 Pick an SD1.5 checkpoint, a style image and a content photo (both are cropped to 512x512, as
@@ -341,19 +383,20 @@ Knobs (reference code defaults):
 
 def appearance_transfer(defs) -> Graph:
     g = Graph("02_sd15_appearance_transfer_regions", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
-    appearance = image_latent(g, 0, 200, "appearance-reference.png", ckpt.out(2), 512, "Appearance reference")
-    ref_labels = label_mask(g, 0, 580, "appearance-reference-labels.png", 512, "Reference region labels")
-    target = image_latent(g, 0, 960, "appearance-target.png", ckpt.out(2), 512, "Target photo")
-    target_labels = label_mask(g, 0, 1340, "appearance-target-labels.png", 512, "Target region labels")
-    ref = _capture(g, (840, 0), ckpt.out(0), appearance, null, ref_labels)
-    result = g.add("LatentADOptimize", (840, 220), {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25,
+    ckpt = checkpoint(g, SD15, (B, 0))
+    null = empty_text(g, ckpt.out(1), (B, 150), "Empty prompt (null text)")
+    appearance = image_latent(g, (B, 300), (C, 380), "appearance-reference.png", ckpt.out(2), 512,
+                              "Appearance reference")
+    ref_labels = label_mask(g, (B, 680), (C, 700), "appearance-reference-labels.png", 512, "Reference region labels")
+    target = image_latent(g, (B, 1060), (C, 1080), "appearance-target.png", ckpt.out(2), 512, "Target photo")
+    target_labels = label_mask(g, (B, 1440), (C, 1460), "appearance-target-labels.png", 512, "Target region labels")
+    ref = _capture(g, (D_WIDE, 150), ckpt.out(0), appearance, null, ref_labels)
+    result = g.add("LatentADOptimize", (D_WIDE, 330), {"steps": 200, "lr": 0.05, "iterations": 1, "content_weight": 0.25,
                                                     "seed": 0, "gradient_checkpointing": "auto"},
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": target.out(0),
                     "target_mask": target_labels.out(0)})
-    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/appearance_transfer")
-    g.note((1680, 0), """
+    decode_and_save(g, (E_WIDE, 0), result, ckpt.out(2), "AD/appearance_transfer")
+    g.note("""
 SD1.5 appearance transfer with region masks (controlled synthesis).
 
 The target photo keeps its structure and takes the appearance of the reference, region by
@@ -373,16 +416,16 @@ The null conditioning of Capture Reference Attention is CLIP Text Encode with EM
 
 def texture_optimize(defs) -> Graph:
     g = Graph("03_sd15_texture_synthesis_optimize", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
-    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
-    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
-    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
-    result = g.add("LatentADOptimize", (840, 220), {"steps": 300, "lr": 0.05, "iterations": 1, "content_weight": 0.0,
+    ckpt = checkpoint(g, SD15, (B, 0))
+    null = empty_text(g, ckpt.out(1), (B, 150), "Empty prompt (null text)")
+    texture = image_latent(g, (B, 300), (C, 380), "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    empty = g.add("EmptyLatentImage", (C, 660), {"width": 512, "height": 512, "batch_size": 1})
+    ref = _capture(g, (D, 150), ckpt.out(0), texture, null)
+    result = g.add("LatentADOptimize", (D, 330), {"steps": 300, "lr": 0.05, "iterations": 1, "content_weight": 0.0,
                                                     "seed": 0, "gradient_checkpointing": "auto"},
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0)})
-    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/texture_optimize")
-    g.note((1680, 0), """
+    decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/texture_optimize")
+    g.note("""
 SD1.5 texture synthesis by optimization.
 
 An Empty Latent Image asks Latent AD Optimize to start from seeded noise (the seed widget) and
@@ -399,20 +442,20 @@ The null conditioning is CLIP Text Encode with EMPTY text.
 
 def texture_sampling(defs) -> Graph:
     g = Graph("04_sd15_texture_synthesis_sampling", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text, also the prompt)")
-    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
-    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
-    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
-    guided = g.add("ADLossGuidance", (840, 220), {"lr": 0.05, "iterations": 3, "adain": False, "start_percent": 0.0,
+    ckpt = checkpoint(g, SD15, (B, 130))
+    null = empty_text(g, ckpt.out(1), (B, 0), EMPTY_EVERYWHERE)
+    texture = image_latent(g, (B, 580), (C, 660), "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    empty = g.add("EmptyLatentImage", (D, 100), {"width": 512, "height": 512, "batch_size": 1})
+    ref = _capture(g, (D, 420), ckpt.out(0), texture, null)
+    guided = g.add("ADLossGuidance", (D, 600), {"lr": 0.05, "iterations": 3, "adain": False, "start_percent": 0.0,
                                                   "end_percent": 1.0, "noise_seed": 0},
                    {"model": ckpt.out(0), "reference": ref.out(0)})
-    sampled = g.add("KSampler", (1230, 0), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "ddim",
-                                             "scheduler": "ddim_uniform", "denoise": 1.0},
+    sampled = g.add("KSampler", (E, 0), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "ddim",
+                                          "scheduler": "ddim_uniform", "denoise": 1.0},
                     {"model": guided.out(0), "positive": null.out(0), "negative": null.out(0),
                      "latent_image": empty.out(0)})
-    decode_and_save(g, 1580, 0, sampled, ckpt.out(2), "AD/texture_sampling")
-    g.note((2030, 0), """
+    decode_and_save(g, (E, 320), sampled, ckpt.out(2), "AD/texture_sampling")
+    g.note("""
 SD1.5 texture synthesis by AD-guided sampling.
 
 AD Loss Guidance patches the model: after every sampler step the next latent is optimized a
@@ -430,49 +473,55 @@ AdaIN off, layers "paper default" (SD1.5: 10-15).
     return g
 
 
+T2I_ROWS = {"checkpoint": 290, "lora": 430, "prompt": 0, "empty": 160, "style": 660, "capture": 540, "decode": 462}
+
+
 def _t2i(defs, name: str, ckpt_name: str, size: int, style: str, prompt: str, lr: float, iterations: int,
          cfg: float, prefix: str, note: str, lora: bool = False, controlnet: bool = False) -> Graph:
     g = Graph(name, defs)
-    ckpt = checkpoint(g, ckpt_name)
+    y = T2I_ROWS
+    # ControlNet's nodes sit under the AD nodes; their links rise far, so both gaps around the AD column widen.
+    d, e = (D_WIDE + 40, E_WIDE + 90) if controlnet else (D, E)
+    ckpt = checkpoint(g, ckpt_name, (B, y["checkpoint"]))
     model, clip = ckpt.out(0), ckpt.out(1)
     if lora:
-        lora_node = g.add("LoraLoader", (0, 160), {"lora_name": LORA, "strength_model": 0.6, "strength_clip": 0.6},
+        lora_node = g.add("LoraLoader", (B, y["lora"]), {"lora_name": LORA, "strength_model": 0.6,
+                                                         "strength_clip": 0.6},
                           {"model": model, "clip": clip})
         model, clip = lora_node.out(0), lora_node.out(1)
-    positive = g.add("CLIPTextEncode", (380, 0), {"text": prompt}, {"clip": clip},
-                     title="Prompt", colors=POSITIVE_COLORS)
-    null = empty_text(g, clip, (380, 200), "Empty prompt (null text, also the negative)")
-    style_latent = image_latent(g, 0, 340, style, ckpt.out(2), size, "Style reference")
-    empty = g.add("EmptyLatentImage", (0, 720), {"width": size, "height": size, "batch_size": 1})
-    ref = _capture(g, (840, 0), model, style_latent, null)
-    guided = g.add("ADLossGuidance", (840, 220), {"lr": lr, "iterations": iterations, "adain": True,
+    positive = g.add("CLIPTextEncode", (C, y["prompt"]), {"text": prompt}, {"clip": clip},
+                     title="Prompt", colors=POSITIVE_COLORS, size=(250, 120))
+    null = empty_text(g, clip, (C, y["empty"]), "Empty prompt (null text, negative)")
+    style_latent = image_latent(g, (B, y["style"]), (C, y["style"] + 80), style, ckpt.out(2), size,
+                                "Style reference")
+    empty = g.add("EmptyLatentImage", (e, 0), {"width": size, "height": size, "batch_size": 1})
+    ref = _capture(g, (d, y["capture"]), model, style_latent, null)
+    guided = g.add("ADLossGuidance", (d, y["capture"] + 180), {"lr": lr, "iterations": iterations, "adain": True,
                                                   "start_percent": 0.0, "end_percent": 1.0, "noise_seed": 0},
                    {"model": model, "reference": ref.out(0)})
     positive_cond, negative_cond = (positive, 0), (null, 0)
     if controlnet:
-        control = image_latent_free_structure(g, 0, 900, size)
-        loader = g.add("ControlNetLoader", (380, 1300), {"control_net_name": CONTROLNET})
-        apply = g.add("ControlNetApplyAdvanced", (840, 620), {"strength": 1.0, "start_percent": 0.0,
-                                                              "end_percent": 1.0},
+        control = image_latent_free_structure(g, (B, 1050), (C, 1130), (d, 1340), size)
+        loader = g.add("ControlNetLoader", (C, 1460), {"control_net_name": CONTROLNET}, size=(250, 58))
+        apply = g.add("ControlNetApplyAdvanced", (d, 1100), {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
                       {"positive": positive.out(0), "negative": null.out(0), "control_net": loader.out(0),
-                       "image": control.out(0)})
+                       "image": control.out(0)}, size=(DEFAULT_SIZES["ADLossGuidance"][0], 186))
         positive_cond, negative_cond = (apply, 0), (apply, 1)
-    sampled = g.add("KSampler", (1230, 0), {"seed": 0, "steps": 50, "cfg": cfg, "sampler_name": "ddim",
-                                             "scheduler": "ddim_uniform", "denoise": 1.0},
+    sampled = g.add("KSampler", (e, 150), {"seed": 0, "steps": 50, "cfg": cfg, "sampler_name": "ddim",
+                                            "scheduler": "ddim_uniform", "denoise": 1.0},
                     {"model": guided.out(0), "positive": positive_cond, "negative": negative_cond,
                      "latent_image": empty.out(0)})
-    decode_and_save(g, 1580, 0, sampled, ckpt.out(2), prefix)
-    g.note((2030, 0), note + COMMON_NOTE)
+    decode_and_save(g, (e, y["decode"]), sampled, ckpt.out(2), prefix)
+    g.note(note + COMMON_NOTE)
     return g
 
 
-def image_latent_free_structure(g: Graph, x: float, y: float, size: int) -> Node:
+def image_latent_free_structure(g: Graph, load_at: Pos, scale_at: Pos, preview_at: Pos, size: int) -> Node:
     """The control image: a photo, cropped like the output, through the Canny edge detector."""
-    load = g.add("LoadImage", (x, y), {"image": "content-deer.jpg"}, title="Structure photo")
-    scale = g.add("ImageScale", (x + 340, y), {"upscale_method": "lanczos", "width": size, "height": size,
-                                                "crop": "center"}, {"image": load.out(0)})
-    edges = g.add("Canny", (x + 340, y + 170), {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": scale.out(0)})
-    g.add("PreviewImage", (x + 700, y + 170), inputs={"images": edges.out(0)}, title="Control image (edges)")
+    scale = scaled_image(g, load_at, scale_at, "content-deer.jpg", size, "Structure photo")
+    edges = g.add("Canny", below(scale_at, "ImageScale"), {"low_threshold": 0.4, "high_threshold": 0.8},
+                  {"image": scale.out(0)})
+    g.add("PreviewImage", preview_at, inputs={"images": edges.out(0)}, title="Control image (edges)")
     return edges
 
 
@@ -546,17 +595,17 @@ The null conditioning is CLIP Text Encode with EMPTY text.
 
 def seamless_texture(defs) -> Graph:
     g = Graph("09_sd15_seamless_texture", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
-    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
-    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
-    tiling = g.add("ADSeamlessTiling", (840, 0), {"tiling": "both"}, {"model": ckpt.out(0), "vae": ckpt.out(2)})
-    ref = _capture(g, (840, 190), tiling.out("model"), texture, null)
-    result = g.add("LatentADOptimize", (840, 410), dict(TEXTURE_OPTIMIZE),
+    ckpt = checkpoint(g, SD15, (B, 0))
+    null = empty_text(g, ckpt.out(1), (B, 150), "Empty prompt (null text)")
+    texture = image_latent(g, (B, 300), (C, 380), "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    empty = g.add("EmptyLatentImage", (C, 660), {"width": 512, "height": 512, "batch_size": 1})
+    tiling = g.add("ADSeamlessTiling", (C, 0), {"tiling": "both"}, {"model": ckpt.out(0), "vae": ckpt.out(2)})
+    ref = _capture(g, (D, 150), tiling.out("model"), texture, null)
+    result = g.add("LatentADOptimize", (D, 330), dict(TEXTURE_OPTIMIZE),
                    {"model": tiling.out("model"), "reference": ref.out(0), "latent": empty.out(0)})
-    decode_and_save(g, 1230, 0, result, tiling.out("vae"), "AD/seamless_texture",
-                    ("VAE Decode (tiled VAE)", None))
-    g.note((1680, 0), """
+    decode_and_save(g, (E, 0), result, tiling.out("vae"), "AD/seamless_texture",
+                    ("VAE Decode (VAE of AD Seamless Tiling)", None))
+    g.note("""
 SD1.5 seamless texture: a texture that tiles without a visible seam.
 
 AD Seamless Tiling returns copies of the MODEL and the VAE whose convolutions pad around the
@@ -578,21 +627,21 @@ the saved image next to copies of itself and no seam shows.
 
 def large_texture(defs) -> Graph:
     g = Graph("10_sd15_large_texture", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text, also the prompt)")
-    texture = image_latent(g, 0, 200, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
-    empty = g.add("EmptyLatentImage", (0, 580), {"width": 1024, "height": 512, "batch_size": 1})
-    windows = g.add("ADTextureWindows", (380, 720), {"window_size": 512, "stride": 64})
-    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
-    guided = g.add("ADLossGuidance", (840, 220), {"lr": 0.05, "iterations": 2, "adain": False, "start_percent": 0.0,
+    ckpt = checkpoint(g, SD15, (B, 130))
+    null = empty_text(g, ckpt.out(1), (B, 0), EMPTY_EVERYWHERE)
+    texture = image_latent(g, (B, 540), (C, 620), "texture-17.jpg", ckpt.out(2), 512, "Texture reference", gap=20)
+    empty = g.add("EmptyLatentImage", (D, 100), {"width": 1024, "height": 512, "batch_size": 1})
+    windows = g.add("ADTextureWindows", (C, 876), {"window_size": 512, "stride": 64})
+    ref = _capture(g, (D, 380), ckpt.out(0), texture, null)
+    guided = g.add("ADLossGuidance", (D, 560), {"lr": 0.05, "iterations": 2, "adain": False, "start_percent": 0.0,
                                                   "end_percent": 1.0, "noise_seed": 0},
                    {"model": ckpt.out(0), "reference": ref.out(0), "windows": windows.out(0)})
-    sampled = g.add("KSampler", (1230, 0), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "ddim",
-                                             "scheduler": "ddim_uniform", "denoise": 1.0},
+    sampled = g.add("KSampler", (E, 0), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "ddim",
+                                          "scheduler": "ddim_uniform", "denoise": 1.0},
                     {"model": guided.out(0), "positive": null.out(0), "negative": null.out(0),
                      "latent_image": empty.out(0)})
-    decode_and_save(g, 1580, 0, sampled, ckpt.out(2), "AD/large_texture")
-    g.note((2030, 0), """
+    decode_and_save(g, (E, 320), sampled, ckpt.out(2), "AD/large_texture")
+    g.note("""
 SD1.5 texture larger than the reference: AD-guided sampling in overlapping windows.
 
 The output (1024x512 here) is larger than the 512x512 reference. With AD Texture Windows
@@ -613,24 +662,24 @@ Knobs (reference code defaults for MultiDiffusion textures):
   optimized whole.
 With AD Seamless Tiling before Capture and Guidance (and its VAE in VAE Decode) the windows wrap
 around the edges and the large texture tiles as well.
-""" + COMMON_NOTE, size=(460, 470))
+""" + COMMON_NOTE)
     return g
 
 
 def label_controlled_texture(defs) -> Graph:
     g = Graph("11_sd15_label_controlled_texture", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
-    empty = g.add("EmptyLatentImage", (0, 200), {"width": 512, "height": 512, "batch_size": 1})
-    texture = image_latent(g, 0, 380, "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
-    ref_labels = label_mask(g, 0, 760, "texture-labels.png", 512, "Reference region labels")
-    layout = label_mask(g, 0, 1140, "texture-layout.png", 512, "Target layout (labels)")
-    ref = _capture(g, (840, 0), ckpt.out(0), texture, null, ref_labels)
-    result = g.add("LatentADOptimize", (840, 220), dict(TEXTURE_OPTIMIZE),
+    ckpt = checkpoint(g, SD15, (B, 0))
+    null = empty_text(g, ckpt.out(1), (B, 150), "Empty prompt (null text)")
+    empty = g.add("EmptyLatentImage", (D_WIDE, 700), {"width": 512, "height": 512, "batch_size": 1})
+    texture = image_latent(g, (B, 300), (C, 380), "texture-17.jpg", ckpt.out(2), 512, "Texture reference")
+    ref_labels = label_mask(g, (B, 680), (C, 700), "texture-labels.png", 512, "Reference region labels")
+    layout = label_mask(g, (B, 1060), (C, 1080), "texture-layout.png", 512, "Target layout (labels)")
+    ref = _capture(g, (D_WIDE, 150), ckpt.out(0), texture, null, ref_labels)
+    result = g.add("LatentADOptimize", (D_WIDE, 330), dict(TEXTURE_OPTIMIZE),
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0),
                     "target_mask": layout.out(0)})
-    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/label_controlled_texture")
-    g.note((1680, 0), """
+    decode_and_save(g, (E_WIDE, 0), result, ckpt.out(2), "AD/label_controlled_texture")
+    g.note("""
 SD1.5 texture synthesis controlled by label maps (controlled synthesis).
 
 Two label maps, each painted in a few grey levels (black, mid grey, white, ...), one level per
@@ -651,21 +700,22 @@ stones white, then paint the layout black where moss should grow and white where
 
 def decoder_finetune(defs) -> Graph:
     g = Graph("12_sd15_decoder_finetune", defs)
-    ckpt = checkpoint(g, SD15)
-    null = empty_text(g, ckpt.out(1), (380, 0), "Empty prompt (null text)")
-    scaled = scaled_image(g, 0, 200, "texture-17.jpg", 512, "Texture reference")
-    texture = g.add("VAEEncode", (340, 370), inputs={"pixels": scaled.out(0), "vae": ckpt.out(2)})
-    empty = g.add("EmptyLatentImage", (0, 580), {"width": 512, "height": 512, "batch_size": 1})
-    ref = _capture(g, (840, 0), ckpt.out(0), texture, null)
-    result = g.add("LatentADOptimize", (840, 220), dict(TEXTURE_OPTIMIZE),
+    ckpt = checkpoint(g, SD15, (B, 0))
+    null = empty_text(g, ckpt.out(1), (B, 150), "Empty prompt (null text)")
+    # The Upscale Image feeds the VAE Encode above it and the fine-tuning below it.
+    scaled = scaled_image(g, (B, 360), (C, 440), "texture-17.jpg", 512, "Texture reference")
+    texture = g.add("VAEEncode", (C, 340), inputs={"pixels": scaled.out(0), "vae": ckpt.out(2)})
+    empty = g.add("EmptyLatentImage", (C, 850), {"width": 512, "height": 512, "batch_size": 1})
+    ref = _capture(g, (D, 150), ckpt.out(0), texture, null)
+    result = g.add("LatentADOptimize", (D, 330), dict(TEXTURE_OPTIMIZE),
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0)})
-    tuned = g.add("ADFineTuneVAEDecoder", (840, 600), {"epochs": 75, "lr": 0.0001, "tile_size": 512, "seed": 0},
+    tuned = g.add("ADFineTuneVAEDecoder", (C, 620), {"epochs": 75, "lr": 0.0001, "tile_size": 512, "seed": 0},
                   {"vae": ckpt.out(2), "images": scaled.out(0)})
-    decode_and_save(g, 1230, 0, result, ckpt.out(2), "AD/decoder_original",
-                    ("VAE Decode (original decoder)", "Save Image (original decoder)"))
-    decode_and_save(g, 1230, 600, result, tuned.out(0), "AD/decoder_finetuned",
-                    ("VAE Decode (fine-tuned decoder)", "Save Image (fine-tuned decoder)"))
-    g.note((1680, 0), """
+    decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/decoder_original",
+                    ("VAE Decode (original decoder)", "Save Image (original decoder)"), SMALL_SAVE)
+    decode_and_save(g, (E, 600), result, tuned.out(0), "AD/decoder_finetuned",
+                    ("VAE Decode (fine-tuned decoder)", "Save Image (fine-tuned decoder)"), SMALL_SAVE)
+    g.note("""
 SD1.5 improved VAE decoding: a decoder fine-tuned on the reference (the paper's improved VAE
 decoding).
 
@@ -694,7 +744,7 @@ else (VAE Encode of the reference here uses the original VAE).
 Latent AD Optimize (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
 content_weight 0, layers "paper default" (SD1.5: 10-15). The null conditioning is CLIP Text
 Encode with EMPTY text.
-""" + COMMON_NOTE, size=(460, 470))
+""" + COMMON_NOTE)
     return g
 
 
@@ -704,7 +754,7 @@ BUILDERS = (style_transfer, appearance_transfer, texture_optimize, texture_sampl
 
 def build_all(defs: dict[str, wt.NodeDef]) -> dict[str, dict]:
     """File name -> UI workflow."""
-    return {g.name + ".json": g.to_ui() for g in (build(defs) for build in BUILDERS)}
+    return {wt.TITLES[g.name] + ".json": g.to_ui() for g in (build(defs) for build in BUILDERS)}
 
 
 def expected_files(defs: dict[str, wt.NodeDef]) -> dict[Path, str]:

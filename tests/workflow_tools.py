@@ -480,8 +480,36 @@ def _check_link(link: Link, nodes: dict[int, dict], defs: dict[str, NodeDef]) ->
 
 # -- files ------------------------------------------------------------------------------------------------
 
+# Each workflow has a slug (its number and what it does, e.g. "01_sd15_style_transfer": the tests' and the
+# pictures' name for it) and a file named by its title ("01 Style transfer, SD1.5.json"), because ComfyUI's
+# Templates browser shows a custom node pack's workflow by its file name.
+TITLES = {
+    "01_sd15_style_transfer": "01 Style transfer, SD1.5",
+    "02_sd15_appearance_transfer_regions": "02 Appearance transfer by regions, SD1.5",
+    "03_sd15_texture_synthesis_optimize": "03 Texture synthesis by optimization, SD1.5",
+    "04_sd15_texture_synthesis_sampling": "04 Texture synthesis by guided sampling, SD1.5",
+    "05_sd15_style_text_to_image": "05 Text to image styled by a reference, SD1.5",
+    "06_sdxl_style_text_to_image_1024": "06 Text to image styled by a reference, SDXL",
+    "07_sd15_controlnet_style": "07 ControlNet with a reference style, SD1.5",
+    "08_sd15_lora_style": "08 LoRA with a reference style, SD1.5",
+    "09_sd15_seamless_texture": "09 Seamless texture that tiles, SD1.5",
+    "10_sd15_large_texture": "10 Texture larger than its reference, SD1.5",
+    "11_sd15_label_controlled_texture": "11 Texture laid out by label maps, SD1.5",
+    "12_sd15_decoder_finetune": "12 Texture decoded by a tuned VAE decoder, SD1.5",
+}
+
+
 def workflow_files() -> list[Path]:
     return sorted(WORKFLOWS.glob("*.json"))
+
+
+def workflow_path(slug: str, api: bool = False) -> Path:
+    """The UI file (or its API twin) of the workflow named `slug`."""
+    return (API_WORKFLOWS if api else WORKFLOWS) / f"{TITLES[slug]}.json"
+
+
+def slug_of(path: Path) -> str:
+    return next(slug for slug, title in TITLES.items() if title == path.stem)
 
 
 def api_twin(path: Path) -> Path:
