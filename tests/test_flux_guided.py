@@ -108,12 +108,17 @@ def _literal_model(kind: str, patcher):
     return base
 
 
-def _pack_model(kind: str, lora: bool):
+def _pack_model(kind: str, lora: bool, stored: torch.dtype | None = None):
+    """The MODEL the nodes get; `stored`: weights kept in bf16/fp8 and cast to float32 per call."""
     import comfy.sd
     import tiny_models as tm
 
     with torch.inference_mode():
-        patcher = tf.build(kind)
+        if stored is None:
+            patcher = tf.build(kind)
+        else:
+            patcher = tf.build(kind, dtype=stored, manual_cast=torch.float32, weights=tf.random_weights(
+                tf.build(kind).model.diffusion_model))
         if lora:
             patcher, _ = comfy.sd.load_lora_for_models(patcher, None, tm.lora_state_dict(patcher, match="blocks"), 1.0, 0.0)
     return patcher
@@ -157,9 +162,13 @@ def expected(kind: str, patcher, steps: int, last_step: int | None, reference: t
     return base.process_latent_out(base.model_sampling.inverse_noise_scaling(torch.tensor(sigmas[-1]), out))
 
 
-@pytest.mark.parametrize("kind,lora", [("dev", False), ("schnell", False), ("dev", True)], ids=["dev", "schnell", "dev-lora"])
-def test_one_guided_step_equals_the_literal_algorithm(pack, kind, lora):
-    patcher = _pack_model(kind, lora)
+@pytest.mark.parametrize("kind,lora,stored", [("dev", False, None), ("schnell", False, None), ("dev", True, None),
+                                               ("dev", False, torch.float8_e4m3fn)],
+                         ids=["dev", "schnell", "dev-lora", "dev-fp8-weights"])
+def test_one_guided_step_equals_the_literal_algorithm(pack, kind, lora, stored):
+    """With fp8 weights the literal model holds the same rounded weights in float32."""
+    patcher = _pack_model(kind, lora, stored)
+    assert next(patcher.model.diffusion_model.parameters()).dtype == (stored or torch.float32)
     model, reference = guided(patcher)
     ours = sample(model, steps=4, last_step=1)
     literal = expected(kind, patcher, 4, 1, reference)
