@@ -39,6 +39,8 @@ EPOCHS = 2  # of AD Fine-Tune VAE Decoder
 WINDOW, STRIDE = SMALL, SMALL // 2  # AD Texture Windows: a latent wider than SMALL gets several windows
 SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
 EXAMPLE_IMAGES = wt.REPO / "example-images"
+CURVE_NODES = ("LatentADOptimize", "ADFineTuneVAEDecoder")  # output 1 is `loss_curve`
+LOSS_CURVE_SIZE = (512, 320)  # what the loss-curve plots are drawn at
 
 
 def _comfy_root() -> Path | None:
@@ -235,6 +237,17 @@ def small(prompt: dict) -> dict:
     return prompt
 
 
+def loss_curve_previews(prompt: dict) -> dict[str, str]:
+    """Node id of each Latent AD Optimize / AD Fine-Tune VAE Decoder -> the Preview Image of its loss curve."""
+    previews = {}
+    for node_id, node in prompt.items():
+        source = node["inputs"].get("images")
+        if node["class_type"] == "PreviewImage" and isinstance(source, list):
+            if prompt[source[0]]["class_type"] in CURVE_NODES and source[1] == 1:
+                previews[source[0]] = node_id
+    return previews
+
+
 def output_size(prompt: dict) -> tuple[int, int]:
     """(width, height) of the saved images: the Empty Latent Image's, else the scaled photos'."""
     for node in prompt.values():
@@ -279,6 +292,8 @@ def test_workflow_runs_in_comfyuis_executor(host, name, pack):
 
     output_nodes = {k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage")}
     assert output_nodes and output_nodes <= set(outputs), f"no results from {output_nodes - set(outputs)}"
+    curves = loss_curve_previews(prompt)
+    assert set(curves) == {k for k, v in prompt.items() if v["class_type"] in CURVE_NODES}, "an unwatched loss curve"
     from PIL import Image
 
     for node_id in output_nodes:
@@ -289,8 +304,11 @@ def test_workflow_runs_in_comfyuis_executor(host, name, pack):
             path = folder / image["filename"]
             assert path.is_file(), path
             with Image.open(path) as picture:
-                assert picture.size == output_size(prompt)
-                assert np.isfinite(np.asarray(picture, dtype=np.float32)).all()
+                assert picture.size == (LOSS_CURVE_SIZE if node_id in curves.values() else output_size(prompt))
+                pixels = np.asarray(picture, dtype=np.float32)
+                assert np.isfinite(pixels).all()
+                if node_id in curves.values():  # a plot: axes, labels and lines, not a blank image
+                    assert pixels.std() > 10, f"loss curve of node {node_id} is blank"
         if prompt[node_id]["class_type"] == "SaveImage":
             assert images[0]["type"] == "output" and images[0]["subfolder"] == "AD"
 

@@ -432,3 +432,17 @@ def test_conversion_skips_control_values_by_declaration_and_by_legacy_name(defs)
                                                                         "seed": ["INT", {"control_after_generate": False}]}},
                                     "output": []})
     assert [s.kind for s in legacy.widget_slots] == ["value", "control", "value"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_loss_curve_is_previewed_and_explained(name):
+    """A Latent AD Optimize or AD Fine-Tune VAE Decoder shows its loss curve, and the note says what a healthy
+    one looks like."""
+    api = _api(name)
+    producers = {k for k, v in api.items() if v["class_type"] in ("LatentADOptimize", "ADFineTuneVAEDecoder")}
+    previewed = {node["inputs"]["images"][0] for node in api.values()
+                 if node["class_type"] == "PreviewImage" and node["inputs"]["images"][1] == 1
+                 and node["_meta"]["title"].startswith("Loss curve")}
+    assert previewed == producers
+    if producers:
+        assert "healthy" in _note(name)

@@ -92,7 +92,7 @@ DEFAULT_SIZES = {
     "ADFineTuneVAEDecoder": (250, 174),
 }
 EMPTY_PROMPT_SIZE = (300, 88)
-SMALL_SAVE = (340, 240)  # two Save Image nodes in one column
+SMALL_SAVE = (340, 200)  # two Save Image nodes and a loss curve in one column
 # The empty prompt of the texture samplers: the null text of Capture and the sampler's two prompts.
 EMPTY_EVERYWHERE = "Empty prompt (null text, both prompts)"
 NOTE_WIDTH = 400
@@ -335,6 +335,25 @@ def decode_and_save(g: Graph, pos: Pos, latent: Node, vae: Source, prefix: str,
                  title=save_title, size=save_size)
 
 
+LOSS_CURVE_SIZE = (340, 250)  # the 512x320 plot at about two thirds of its size
+LOSS_CURVE_Y = 566  # under a Save Image at the top of the output column
+
+
+def loss_curve(g: Graph, pos: Pos, source: Node, title: str = "Loss curve", size: Pos = LOSS_CURVE_SIZE) -> Node:
+    """Preview Image of a node's `loss_curve` output: the run's losses, to judge it and compare settings."""
+    return g.add("PreviewImage", pos, inputs={"images": source.out("loss_curve")}, title=title, size=size)
+
+
+HEALTHY_CURVE = """
+Loss curve: in a healthy run the AD loss falls fast over the first tenth to fifth of the steps,
+then levels off; one that jumps or climbs means lr is too high.
+"""
+HEALTHY_TRANSFER_CURVE = """
+Loss curve: in a healthy run the AD loss (blue) falls fast over the first tenth to fifth of the
+steps, then levels off, and the content loss (orange) rises from 0 and levels off; an AD loss
+that jumps or climbs means lr is too high.
+"""
+
 COMMON_NOTE = """
 Every knob, its default and when to change it: README.md of the pack, or the "?" help of each
 node in the node library. When an input is wrong, the nodes stop with a message that says what
@@ -362,6 +381,7 @@ def style_transfer(defs) -> Graph:
                                                     "seed": 0, "gradient_checkpointing": "auto"},
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": content.out(0)})
     decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/style_transfer")
+    loss_curve(g, (E, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 style transfer by optimization (Attention Distillation, the reference code's defaults).
 
@@ -377,7 +397,7 @@ Knobs (reference code defaults):
   content dissolves.
 - layers "paper default": the last 6 self-attention layers (SD1.5: 10-15).
 - Capture Reference Attention needs CLIP Text Encode with EMPTY text, never your prompt.
-""" + COMMON_NOTE)
+""" + HEALTHY_TRANSFER_CURVE + COMMON_NOTE)
     return g
 
 
@@ -396,6 +416,7 @@ def appearance_transfer(defs) -> Graph:
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": target.out(0),
                     "target_mask": target_labels.out(0)})
     decode_and_save(g, (E_WIDE, 0), result, ckpt.out(2), "AD/appearance_transfer")
+    loss_curve(g, (E_WIDE, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 appearance transfer with region masks (controlled synthesis).
 
@@ -410,7 +431,7 @@ and cropped like their photos.
 Knobs (reference code defaults): steps 200, lr 0.05, iterations 1, content_weight 0.25,
 layers "paper default" (SD1.5: 10-15). Lower content_weight for a stronger transfer.
 The null conditioning of Capture Reference Attention is CLIP Text Encode with EMPTY text.
-""" + COMMON_NOTE)
+""" + HEALTHY_TRANSFER_CURVE + COMMON_NOTE)
     return g
 
 
@@ -425,6 +446,7 @@ def texture_optimize(defs) -> Graph:
                                                     "seed": 0, "gradient_checkpointing": "auto"},
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0)})
     decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/texture_optimize")
+    loss_curve(g, (E, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 texture synthesis by optimization.
 
@@ -436,7 +458,7 @@ Knobs (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
 content_weight 0 (there is no content), layers "paper default" (SD1.5: 10-15).
 Change the seed for another texture from the same reference.
 The null conditioning is CLIP Text Encode with EMPTY text.
-""" + COMMON_NOTE)
+""" + HEALTHY_CURVE + COMMON_NOTE)
     return g
 
 
@@ -605,6 +627,7 @@ def seamless_texture(defs) -> Graph:
                    {"model": tiling.out("model"), "reference": ref.out(0), "latent": empty.out(0)})
     decode_and_save(g, (E, 0), result, tiling.out("vae"), "AD/seamless_texture",
                     ("VAE Decode (VAE of AD Seamless Tiling)", None))
+    loss_curve(g, (E, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 seamless texture: a texture that tiles without a visible seam.
 
@@ -621,7 +644,7 @@ the saved image next to copies of itself and no seam shows.
 - The reference is encoded with the checkpoint's VAE; the tiled VAE's encoder is not tiled
   anyway (the reference photo does not tile).
 - Make the Empty Latent Image larger for a bigger tile.
-""" + TEXTURE_KNOBS + COMMON_NOTE)
+""" + TEXTURE_KNOBS + HEALTHY_CURVE + COMMON_NOTE)
     return g
 
 
@@ -679,6 +702,7 @@ def label_controlled_texture(defs) -> Graph:
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0),
                     "target_mask": layout.out(0)})
     decode_and_save(g, (E_WIDE, 0), result, ckpt.out(2), "AD/label_controlled_texture")
+    loss_curve(g, (E_WIDE, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 texture synthesis controlled by label maps (controlled synthesis).
 
@@ -694,7 +718,7 @@ stones white, then paint the layout black where moss should grow and white where
   Latent Image, 512x512 here: change both sizes together).
 - The red channel is read, so use pure greys; both maps are resized with nearest-exact so grey
   levels never blend. A layout level that the reference lacks draws from the whole reference.
-""" + TEXTURE_KNOBS + COMMON_NOTE)
+""" + TEXTURE_KNOBS + HEALTHY_CURVE + COMMON_NOTE)
     return g
 
 
@@ -713,8 +737,10 @@ def decoder_finetune(defs) -> Graph:
                   {"vae": ckpt.out(2), "images": scaled.out(0)})
     decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/decoder_original",
                     ("VAE Decode (original decoder)", "Save Image (original decoder)"), SMALL_SAVE)
-    decode_and_save(g, (E, 600), result, tuned.out(0), "AD/decoder_finetuned",
+    loss_curve(g, (E, 386), result, "Loss curve (Latent AD Optimize)", (340, 164))
+    decode_and_save(g, (E, 620), result, tuned.out(0), "AD/decoder_finetuned",
                     ("VAE Decode (fine-tuned decoder)", "Save Image (fine-tuned decoder)"), SMALL_SAVE)
+    loss_curve(g, (D, 702), tuned, "Loss curve (decoder fine-tuning)")
     g.note("""
 SD1.5 improved VAE decoding: a decoder fine-tuned on the reference (the paper's improved VAE
 decoding).
@@ -744,6 +770,10 @@ else (VAE Encode of the reference here uses the original VAE).
 Latent AD Optimize (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
 content_weight 0, layers "paper default" (SD1.5: 10-15). The null conditioning is CLIP Text
 Encode with EMPTY text.
+
+Loss curves: a healthy fine-tuning curve falls steadily and flattens out towards the last epochs
+(still falling steeply: more epochs help; climbing or jumping: lr is too high); a healthy Latent
+AD Optimize curve falls fast over the first fifth of the steps, then levels off.
 """ + COMMON_NOTE)
     return g
 
