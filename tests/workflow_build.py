@@ -827,7 +827,7 @@ def flux_loaders(g: Graph, rows: dict[str, float]) -> tuple[Source, Source, Sour
     (model, padded clip, vae)."""
     clip = g.add("DualCLIPLoader", (B, rows["clip"]), {"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux"})
     padded = g.add("T5TokenizerOptions", (B, rows["t5"]), {"min_padding": 0, "min_length": 512},
-                   {"clip": clip.out(0)}, title="T5TokenizerOptions (512 tokens, as the reference)")
+                   {"clip": clip.out(0)}, title="T5TokenizerOptions (512 tokens)")
     unet = g.add("UNETLoader", (B, rows["unet"]), {"unet_name": FLUX_DEV, "weight_dtype": "default"})
     vae = g.add("VAELoader", (B, rows["vae"]), {"vae_name": FLUX_VAE})
     return unet.out(0), padded.out(0), vae.out(0)
