@@ -46,8 +46,9 @@ SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
 # on a CPU; 4.9 GB from an fp8 file) and then encodes 512 tokens through it, about 5 TFLOP per prompt. The
 # Flux AD passes themselves run through ComfyUI's classes in tests/test_flux_*.py.
 FLUX_SKIP = ("Flux workflow: DualCLIPLoader (type flux) always builds the full 4.7B-parameter T5-XXL "
-             "(ComfyUI's t5_config_xxl.json), which a CI machine cannot hold or run; validated in "
-             "tests/test_workflows.py, the Flux AD passes are tested through ComfyUI's classes in tests/test_flux_*.py")
+             "(ComfyUI's t5_config_xxl.json), which a CI machine cannot hold or run; ComfyUI's validate_prompt "
+             "checks the graph (test_flux_workflow_passes_comfyuis_validation), tests/test_workflows.py its settings, "
+             "tests/test_flux_*.py the Flux AD passes through ComfyUI's classes")
 FLUX_KINDS = ("flux-dev", "flux-clip-l", "flux-t5xxl", "flux-vae", "flux-lora")  # not built: see FLUX_SKIP
 EXAMPLE_IMAGES = wt.REPO / "example-images"
 CURVE_NODES = ("LatentADOptimize", "ADFineTuneVAEDecoder")  # output 1 is `loss_curve`
