@@ -39,7 +39,9 @@ EPOCHS = 2  # of AD Fine-Tune VAE Decoder
 WINDOW, STRIDE = SMALL, SMALL // 2  # AD Texture Windows: a latent wider than SMALL gets several windows
 SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
 # Why the Flux workflows are validated but not executed here. A random-weight Flux diffusion model that
-# ComfyUI detects as FLUX.1-dev is cheap, and so are CLIP-L and the Flux VAE, but DualCLIPLoader (type flux)
+# ComfyUI detects as FLUX.1-dev is affordable (detection fixes the width at 3072 and 24 heads and counts only
+# the blocks: 1 double + 1 single block is 546M parameters, a 1.1 GB fp16 file that loads as Flux in about
+# 3 s), and so are CLIP-L and the Flux VAE, but DualCLIPLoader (type flux)
 # always builds the full T5-XXL from ComfyUI's fixed t5_config_xxl.json (24 blocks, d_model 4096, 4.7B
 # parameters), whatever the file holds: a smaller file fails on the first mismatched shape (load_state_dict),
 # and a file without T5 weights still allocates the whole model (9.5 GB in fp16, ComfyUI's text-encoder dtype
