@@ -1,4 +1,5 @@
-"""Every shipped workflow, run in ComfyUI's own PromptExecutor with this pack loaded as a custom node.
+"""Every shipped workflow, run in ComfyUI's own PromptExecutor with this pack loaded as a custom node
+(the Flux ones validated by ComfyUI but not run: see FLUX_SKIP).
 
 Needs a full ComfyUI source tree (COMFYUI_PATH, kept outside this repository) and a Python with
 ComfyUI's requirements; without them every test here is reported as skipped, with the reason.
