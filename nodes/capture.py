@@ -82,9 +82,12 @@ class CaptureReferenceAttention:
             if note:
                 log.warning("%s: %s", NODE, note)
             try:
-                family.conditioning(base, null_conditioning, samples[:1].float(), samples.device)
-            except (KeyError, TypeError, AttributeError) as error:
+                mismatch = family.conditioning_mismatch(base, null_conditioning)
+                if mismatch is None:
+                    family.conditioning(base, null_conditioning, samples[:1].float(), samples.device)
+            except (KeyError, TypeError, AttributeError, ValueError) as error:
                 require(False, NODE, f"'null_conditioning' does not fit this model ({error}); encode it with this checkpoint's CLIP")
+            require(mismatch is None, NODE, f"'null_conditioning' does not fit this model: {mismatch}")
             scale = finite_number(NODE, attn_scale, "attn_scale", minimum=0.0)
             labels = None
             if reference_mask is not None:

@@ -38,6 +38,9 @@ MAKES = {
     "10": "a 1024x512 texture from the 512x512 one",
     "11": "a texture laid out as the layout map says",
     "12": "a texture, decoded with a decoder tuned on it",
+    "13": "the prompt on FLUX.1-dev, in the style",
+    "14": "a new texture like it, on FLUX.1-dev",
+    "15": "the prompt with a Flux LoRA, in the style",
 }
 
 

@@ -1,4 +1,5 @@
-"""Every shipped workflow, run in ComfyUI's own PromptExecutor with this pack loaded as a custom node.
+"""Every shipped workflow, run in ComfyUI's own PromptExecutor with this pack loaded as a custom node
+(the Flux ones validated by ComfyUI but not run: see FLUX_SKIP).
 
 Needs a full ComfyUI source tree (COMFYUI_PATH, kept outside this repository) and a Python with
 ComfyUI's requirements; without them every test here is reported as skipped, with the reason.
@@ -38,7 +39,23 @@ STEPS = 2
 EPOCHS = 2  # of AD Fine-Tune VAE Decoder
 WINDOW, STRIDE = SMALL, SMALL // 2  # AD Texture Windows: a latent wider than SMALL gets several windows
 SDXL_WORKFLOWS = {"06_sdxl_style_text_to_image_1024"}
+# Why the Flux workflows are validated but not executed here. A random-weight Flux diffusion model that
+# ComfyUI detects as FLUX.1-dev is affordable (detection fixes the width at 3072 and 24 heads and counts only
+# the blocks: 1 double + 1 single block is 546M parameters, a 1.1 GB fp16 file that loads as Flux in about
+# 3 s), and so are CLIP-L and the Flux VAE, but DualCLIPLoader (type flux)
+# always builds the full T5-XXL from ComfyUI's fixed t5_config_xxl.json (24 blocks, d_model 4096, 4.7B
+# parameters), whatever the file holds: a smaller file fails on the first mismatched shape (load_state_dict),
+# and a file without T5 weights still allocates the whole model (9.5 GB in fp16, ComfyUI's text-encoder dtype
+# on a CPU; 4.9 GB from an fp8 file) and then encodes 512 tokens through it, about 5 TFLOP per prompt. The
+# Flux AD passes themselves run through ComfyUI's classes in tests/test_flux_*.py.
+FLUX_SKIP = ("Flux workflow: DualCLIPLoader (type flux) always builds the full 4.7B-parameter T5-XXL "
+             "(ComfyUI's t5_config_xxl.json), which a CI machine cannot hold or run; ComfyUI's validate_prompt "
+             "checks the graph (test_flux_workflow_passes_comfyuis_validation), tests/test_workflows.py its settings, "
+             "tests/test_flux_*.py the Flux AD passes through ComfyUI's classes")
+FLUX_KINDS = ("flux-dev", "flux-clip-l", "flux-t5xxl", "flux-vae", "flux-lora")  # not built: see FLUX_SKIP
 EXAMPLE_IMAGES = wt.REPO / "example-images"
+CURVE_NODES = ("LatentADOptimize", "ADFineTuneVAEDecoder")  # output 1 is `loss_curve`
+LOSS_CURVE_SIZE = (512, 320)  # what the loss-curve plots are drawn at
 
 
 def _comfy_root() -> Path | None:
@@ -101,6 +118,10 @@ class Host:
             self.folder_paths.add_model_folder_path(folder, str(target), is_default=True)
             for name, kind in files.items():
                 link = target / name
+                if kind in FLUX_KINDS:  # a name for ComfyUI's validation to find, never loaded
+                    link.touch()
+                    placed[name] = link
+                    continue
                 if not link.exists():
                     link.symlink_to(executor_models.cached(kind))
                 placed[name] = link
@@ -235,6 +256,17 @@ def small(prompt: dict) -> dict:
     return prompt
 
 
+def loss_curve_previews(prompt: dict) -> dict[str, str]:
+    """Node id of each Latent AD Optimize / AD Fine-Tune VAE Decoder -> the Preview Image of its loss curve."""
+    previews = {}
+    for node_id, node in prompt.items():
+        source = node["inputs"].get("images")
+        if node["class_type"] == "PreviewImage" and isinstance(source, list):
+            if prompt[source[0]]["class_type"] in CURVE_NODES and source[1] == 1:
+                previews[source[0]] = node_id
+    return previews
+
+
 def output_size(prompt: dict) -> tuple[int, int]:
     """(width, height) of the saved images: the Empty Latent Image's, else the scaled photos'."""
     for node in prompt.values():
@@ -267,6 +299,8 @@ def test_small_graphs_keep_what_the_workflows_exercise(pack):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_in_comfyuis_executor(host, name, pack):
+    if "_flux_" in name:
+        pytest.skip(FLUX_SKIP)
     ui = wt.load_json(wt.workflow_path(name))
     api = wt.ui_to_api(ui, wt.all_node_defs(pack))
     assert api == wt.load_json(wt.workflow_path(name, api=True))
@@ -279,6 +313,8 @@ def test_workflow_runs_in_comfyuis_executor(host, name, pack):
 
     output_nodes = {k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage")}
     assert output_nodes and output_nodes <= set(outputs), f"no results from {output_nodes - set(outputs)}"
+    curves = loss_curve_previews(prompt)
+    assert set(curves) == {k for k, v in prompt.items() if v["class_type"] in CURVE_NODES}, "an unwatched loss curve"
     from PIL import Image
 
     for node_id in output_nodes:
@@ -289,10 +325,23 @@ def test_workflow_runs_in_comfyuis_executor(host, name, pack):
             path = folder / image["filename"]
             assert path.is_file(), path
             with Image.open(path) as picture:
-                assert picture.size == output_size(prompt)
-                assert np.isfinite(np.asarray(picture, dtype=np.float32)).all()
+                assert picture.size == (LOSS_CURVE_SIZE if node_id in curves.values() else output_size(prompt))
+                pixels = np.asarray(picture, dtype=np.float32)
+                assert np.isfinite(pixels).all()
+                if node_id in curves.values():  # a plot: axes, labels and lines, not a blank image
+                    assert pixels.std() > 10, f"loss curve of node {node_id} is blank"
         if prompt[node_id]["class_type"] == "SaveImage":
             assert images[0]["type"] == "output" and images[0]["subfolder"] == "AD"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "_flux_" in n])
+def test_flux_workflow_passes_comfyuis_validation(host, name, pack):
+    """ComfyUI's own validate_prompt accepts the Flux graphs as shipped: every node type, link type, widget
+    value and model file name (placeholders under the public names; see FLUX_SKIP for why they do not run)."""
+    api = wt.load_json(wt.workflow_path(name, api=True))
+    ok, error, outputs, node_errors = _run(host.execution.validate_prompt(str(uuid.uuid4()), api, None))
+    assert ok, json.dumps({"error": error, "node_errors": node_errors}, indent=1, default=str)[:4000]
+    assert {k for k, v in api.items() if v["class_type"] in ("SaveImage", "PreviewImage")} <= set(outputs)
 
 
 def _detected_config(path: Path):

@@ -205,6 +205,16 @@ def test_nodes_ask_the_family_for_their_messages(mods, toy):
         mods.tiling_node.ADSeamlessTiling().apply(model, vae, "both")
 
 
+def test_capture_asks_the_family_whether_the_null_text_fits(mods, pack):
+    from ad_helpers import capture
+
+    with torch.inference_mode():
+        model = tm.build("sd15")
+    other_clip = [[torch.zeros(1, 77, 64), {}]]  # 64 wide; the tiny SD1.5 cross-attention takes 32
+    with pytest.raises(mods.errors.ADNodeError, match=r"\[Capture Reference Attention\] 'null_conditioning' .*64 wide"):
+        capture(model, torch.randn(1, 4, 8, 8), other_clip)
+
+
 def _imported_modules(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):

@@ -20,17 +20,21 @@ FRONTEND_SIZES = {
     "ControlNetApplyAdvanced": (210, 186), "CaptureReferenceAttention": (217.3, 142),
     "LatentADOptimize": (227.4, 302), "ADLossGuidance": (227.4, 330), "ADSeamlessTiling": (210, 78),
     "ADTextureWindows": (210, 82), "ADFineTuneVAEDecoder": (214.2, 174), "Note": (210, 88),
+    "UNETLoader": (210, 82), "DualCLIPLoader": (210, 130), "VAELoader": (210, 58), "LoraLoaderModelOnly": (210, 82),
+    "T5TokenizerOptions": (210, 82), "ModelSamplingFlux": (210, 130), "FluxGuidance": (210, 58),
+    "EmptySD3LatentImage": (210, 106),
 }
 # Nodes that show an image or a text box may be larger than computed; the others are saved at exactly
 # the computed height.
 FREE_HEIGHT = ("LoadImage", "SaveImage", "PreviewImage", "CLIPTextEncode", "Note")
 # Fit View on a 1600 x 1000 window shows the nodes' details (zoom >= DETAIL_ZOOM) for the graphs with one or
-# two images. The three text-to-image graphs open with the whole graph readable at 60 % but Fit View (which
+# two images. The text-to-image graphs (three SD, two Flux) open with the whole graph readable at 60 % but Fit View (which
 # leaves a quarter of the canvas empty) zooms them to 0.53; the three with four or five image and
 # ControlNet inputs do not fit readably and open at 60 % on their note. Their Fit View zoom is held here.
 FIT_VIEW_FLOORS = {"02_sd15_appearance_transfer_regions": 0.32, "05_sd15_style_text_to_image": 0.53,
                    "06_sdxl_style_text_to_image_1024": 0.53, "07_sd15_controlnet_style": 0.36,
-                   "08_sd15_lora_style": 0.53, "11_sd15_label_controlled_texture": 0.40}
+                   "08_sd15_lora_style": 0.53, "11_sd15_label_controlled_texture": 0.40,
+                   "13_flux_style_text_to_image": 0.53, "15_flux_lora_style": 0.53}
 CROWDED = ("02_sd15_appearance_transfer_regions", "07_sd15_controlnet_style", "11_sd15_label_controlled_texture")
 
 

@@ -24,7 +24,11 @@ NAMES = [
     "10_sd15_large_texture",
     "11_sd15_label_controlled_texture",
     "12_sd15_decoder_finetune",
+    "13_flux_style_text_to_image",
+    "14_flux_texture_synthesis_optimize",
+    "15_flux_lora_style",
 ]
+FLUX_NAMES = [name for name in NAMES if "_flux_" in name]
 
 
 @pytest.fixture(scope="module")
@@ -333,10 +337,10 @@ def test_new_notes_explain_their_knobs(name, phrases):
 def test_model_files_carry_download_links():
     for name in NAMES:
         for node in _ui(name)["nodes"]:
-            for value in node.get("widgets_values") or []:
-                if any(value in files for files in wt.MODEL_FILES.values()):
-                    models = node["properties"]["models"]
-                    assert [m["name"] for m in models] == [value] and models[0]["url"].startswith("https://")
+            named = [v for v in node.get("widgets_values") or [] if any(v in files for files in wt.MODEL_FILES.values())]
+            if named:  # DualCLIPLoader names two files
+                models = node["properties"]["models"]
+                assert [m["name"] for m in models] == named and all(m["url"].startswith("https://") for m in models)
 
 
 # -- the checker and the converter catch broken workflows ------------------------------------------------------
@@ -432,3 +436,78 @@ def test_conversion_skips_control_values_by_declaration_and_by_legacy_name(defs)
                                                                         "seed": ["INT", {"control_after_generate": False}]}},
                                     "output": []})
     assert [s.kind for s in legacy.widget_slots] == ["value", "control", "value"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_loss_curve_is_previewed_and_explained(name):
+    """A Latent AD Optimize or AD Fine-Tune VAE Decoder shows its loss curve, and the note says what a healthy
+    one looks like."""
+    api = _api(name)
+    producers = {k for k, v in api.items() if v["class_type"] in ("LatentADOptimize", "ADFineTuneVAEDecoder")}
+    previewed = {node["inputs"]["images"][0] for node in api.values()
+                 if node["class_type"] == "PreviewImage" and node["inputs"]["images"][1] == 1
+                 and node["_meta"]["title"].startswith("Loss curve")}
+    assert previewed == producers
+    if producers:
+        assert "healthy" in _note(name)
+
+
+# -- the Flux workflows (issue 11 section 5: the reference code's flux_ad settings) --------------------------
+
+@pytest.mark.parametrize("name", FLUX_NAMES)
+def test_flux_workflows_load_flux_as_its_users_do(name):
+    """Load Diffusion Model, DualCLIPLoader (type flux), Load VAE; ModelSamplingFlux at the image size feeds
+    every AD node; the null text is padded to the reference code's 512 T5 tokens."""
+    api = _api(name)
+    assert _only(api, "UNETLoader")["unet_name"] == workflow_build.FLUX_DEV
+    clip = _only(api, "DualCLIPLoader")
+    assert ({clip["clip_name1"], clip["clip_name2"]}, clip["type"]) == (
+        {workflow_build.CLIP_L, workflow_build.T5XXL}, "flux")
+    assert _only(api, "VAELoader")["vae_name"] == workflow_build.FLUX_VAE
+    sampling_id = _id(api, "ModelSamplingFlux")
+    sampling = api[sampling_id]["inputs"]
+    assert (sampling["max_shift"], sampling["base_shift"], sampling["width"], sampling["height"]) == (1.15, 0.5, 512, 512)
+    for node in api.values():
+        if node["class_type"] in ("CaptureReferenceAttention", "ADLossGuidance", "LatentADOptimize"):
+            assert node["inputs"]["model"] == [sampling_id, 0], node["class_type"]
+    null = _source(api, _only(api, "CaptureReferenceAttention")["null_conditioning"])
+    padding = _source(api, null["inputs"]["clip"])
+    assert padding["class_type"] == "T5TokenizerOptions" and padding["inputs"]["min_length"] == 512
+    assert _source(api, padding["inputs"]["clip"])["class_type"] == "DualCLIPLoader"
+    assert "512" in _note(name) and "guidance 1.0" in _note(name)
+    for node in api.values():
+        assert node["class_type"] not in ("CheckpointLoaderSimple", "EmptyLatentImage", "ADSeamlessTiling")
+
+
+@pytest.mark.parametrize("name", ["13_flux_style_text_to_image", "15_flux_lora_style"])
+def test_flux_text_to_image_uses_the_reference_codes_settings(name):
+    api = _api(name)
+    guidance = _only(api, "ADLossGuidance")
+    assert (guidance["lr"], guidance["iterations"], guidance["adain"]) == (0.01, 2, True)
+    sampler = _only(api, "KSampler")
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+        50, 1.0, "euler", "simple")
+    assert _source(api, sampler["model"])["class_type"] == "ADLossGuidance"
+    positive = _source(api, sampler["positive"])
+    assert positive["class_type"] == "FluxGuidance" and positive["inputs"]["guidance"] == 3.5
+    assert _source(api, positive["inputs"]["conditioning"])["inputs"]["text"].strip()
+    latent = _only(api, "EmptySD3LatentImage")
+    assert (latent["width"], latent["height"]) == (512, 512)
+
+
+def test_flux_texture_optimizes_seeded_noise_of_flux_latents():
+    api = _api("14_flux_texture_synthesis_optimize")
+    optimize = _only(api, "LatentADOptimize")
+    assert (optimize["steps"], optimize["lr"], optimize["iterations"], optimize["content_weight"]) == (300, 0.05, 1, 0.0)
+    assert _source(api, optimize["latent"])["class_type"] == "EmptySD3LatentImage"
+    decode = _only(api, "VAEDecode")
+    assert _source(api, decode["samples"])["class_type"] == "LatentADOptimize"
+    assert decode["vae"] == [_id(api, "VAELoader"), 0]
+
+
+def test_flux_lora_workflow_feeds_the_lora_model_everywhere():
+    api = _api("15_flux_lora_style")
+    lora_id = _id(api, "LoraLoaderModelOnly")
+    assert api[lora_id]["inputs"]["model"] == [_id(api, "UNETLoader"), 0]
+    assert api[lora_id]["inputs"]["lora_name"] in wt.MODEL_FILES["loras"]
+    assert _only(api, "ModelSamplingFlux")["model"] == [lora_id, 0]

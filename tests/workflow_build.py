@@ -30,6 +30,12 @@ SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 LORA = "MoXinV1.safetensors"
 CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
+# Flux as ComfyUI's own Flux templates load it: the diffusion model, the two text encoders and the VAE apart.
+FLUX_DEV = "flux1-dev.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+FLUX_LORA = "art_lora_comfy_converted.safetensors"
 # Download links shown by the frontend's missing-models dialog (the same links as ComfyUI's own templates).
 MODEL_URLS = {
     SD15: ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
@@ -39,6 +45,13 @@ MODEL_URLS = {
     LORA: ("loras", "https://civitai.com/api/download/models/14856?type=Model&format=SafeTensor&size=full&fp=fp16"),
     CONTROLNET: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
                                "control_v11p_sd15_canny_fp16.safetensors?download=true"),
+    FLUX_DEV: ("diffusion_models", "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"),
+    CLIP_L: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    T5XXL: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    FLUX_VAE: ("vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/"
+                      "ae.safetensors"),
+    FLUX_LORA: ("loras", "https://huggingface.co/XLabs-AI/flux-lora-collection/resolve/main/"
+                         "art_lora_comfy_converted.safetensors"),
 }
 # Display names of the core nodes (ComfyUI v0.3.64's NODE_DISPLAY_NAME_MAPPINGS; /object_info dumps of
 # that version carry none). Every node gets an explicit title, so the API twin's _meta.title is what
@@ -59,6 +72,14 @@ CORE_TITLES = {
     "SaveImage": "Save Image",
     "VAEDecode": "VAE Decode",
     "VAEEncode": "VAE Encode",
+    "DualCLIPLoader": "DualCLIPLoader",
+    "EmptySD3LatentImage": "EmptySD3LatentImage",
+    "FluxGuidance": "FluxGuidance",
+    "LoraLoaderModelOnly": "LoraLoaderModelOnly",
+    "ModelSamplingFlux": "ModelSamplingFlux",
+    "T5TokenizerOptions": "T5TokenizerOptions",
+    "UNETLoader": "Load Diffusion Model",
+    "VAELoader": "Load VAE",
 }
 POSITIVE_COLORS = ("#232", "#353")
 NEGATIVE_COLORS = ("#322", "#533")
@@ -90,9 +111,17 @@ DEFAULT_SIZES = {
     "ADSeamlessTiling": (250, 78),
     "ADTextureWindows": (250, 82),
     "ADFineTuneVAEDecoder": (250, 174),
+    "UNETLoader": (315, 82),
+    "DualCLIPLoader": (315, 130),
+    "VAELoader": (315, 58),
+    "LoraLoaderModelOnly": (315, 82),
+    "T5TokenizerOptions": (315, 82),
+    "ModelSamplingFlux": (250, 130),
+    "FluxGuidance": (250, 58),
+    "EmptySD3LatentImage": (250, 106),
 }
 EMPTY_PROMPT_SIZE = (300, 88)
-SMALL_SAVE = (340, 240)  # two Save Image nodes in one column
+SMALL_SAVE = (340, 200)  # two Save Image nodes and a loss curve in one column
 # The empty prompt of the texture samplers: the null text of Capture and the sampler's two prompts.
 EMPTY_EVERYWHERE = "Empty prompt (null text, both prompts)"
 NOTE_WIDTH = 400
@@ -335,6 +364,25 @@ def decode_and_save(g: Graph, pos: Pos, latent: Node, vae: Source, prefix: str,
                  title=save_title, size=save_size)
 
 
+LOSS_CURVE_SIZE = (340, 250)  # the 512x320 plot at about two thirds of its size
+LOSS_CURVE_Y = 566  # under a Save Image at the top of the output column
+
+
+def loss_curve(g: Graph, pos: Pos, source: Node, title: str = "Loss curve", size: Pos = LOSS_CURVE_SIZE) -> Node:
+    """Preview Image of a node's `loss_curve` output: the run's losses, to judge it and compare settings."""
+    return g.add("PreviewImage", pos, inputs={"images": source.out("loss_curve")}, title=title, size=size)
+
+
+HEALTHY_CURVE = """
+Loss curve: in a healthy run the AD loss falls fast over the first tenth to fifth of the steps,
+then levels off; one that jumps or climbs means lr is too high.
+"""
+HEALTHY_TRANSFER_CURVE = """
+Loss curve: in a healthy run the AD loss (blue) falls fast over the first tenth to fifth of the
+steps, then levels off, and the content loss (orange) rises from 0 and levels off; an AD loss
+that jumps or climbs means lr is too high.
+"""
+
 COMMON_NOTE = """
 Every knob, its default and when to change it: README.md of the pack, or the "?" help of each
 node in the node library. When an input is wrong, the nodes stop with a message that says what
@@ -362,6 +410,7 @@ def style_transfer(defs) -> Graph:
                                                     "seed": 0, "gradient_checkpointing": "auto"},
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": content.out(0)})
     decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/style_transfer")
+    loss_curve(g, (E, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 style transfer by optimization (Attention Distillation, the reference code's defaults).
 
@@ -377,7 +426,7 @@ Knobs (reference code defaults):
   content dissolves.
 - layers "paper default": the last 6 self-attention layers (SD1.5: 10-15).
 - Capture Reference Attention needs CLIP Text Encode with EMPTY text, never your prompt.
-""" + COMMON_NOTE)
+""" + HEALTHY_TRANSFER_CURVE + COMMON_NOTE)
     return g
 
 
@@ -396,6 +445,7 @@ def appearance_transfer(defs) -> Graph:
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": target.out(0),
                     "target_mask": target_labels.out(0)})
     decode_and_save(g, (E_WIDE, 0), result, ckpt.out(2), "AD/appearance_transfer")
+    loss_curve(g, (E_WIDE, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 appearance transfer with region masks (controlled synthesis).
 
@@ -410,7 +460,7 @@ and cropped like their photos.
 Knobs (reference code defaults): steps 200, lr 0.05, iterations 1, content_weight 0.25,
 layers "paper default" (SD1.5: 10-15). Lower content_weight for a stronger transfer.
 The null conditioning of Capture Reference Attention is CLIP Text Encode with EMPTY text.
-""" + COMMON_NOTE)
+""" + HEALTHY_TRANSFER_CURVE + COMMON_NOTE)
     return g
 
 
@@ -425,6 +475,7 @@ def texture_optimize(defs) -> Graph:
                                                     "seed": 0, "gradient_checkpointing": "auto"},
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0)})
     decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/texture_optimize")
+    loss_curve(g, (E, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 texture synthesis by optimization.
 
@@ -436,7 +487,7 @@ Knobs (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
 content_weight 0 (there is no content), layers "paper default" (SD1.5: 10-15).
 Change the seed for another texture from the same reference.
 The null conditioning is CLIP Text Encode with EMPTY text.
-""" + COMMON_NOTE)
+""" + HEALTHY_CURVE + COMMON_NOTE)
     return g
 
 
@@ -605,6 +656,7 @@ def seamless_texture(defs) -> Graph:
                    {"model": tiling.out("model"), "reference": ref.out(0), "latent": empty.out(0)})
     decode_and_save(g, (E, 0), result, tiling.out("vae"), "AD/seamless_texture",
                     ("VAE Decode (VAE of AD Seamless Tiling)", None))
+    loss_curve(g, (E, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 seamless texture: a texture that tiles without a visible seam.
 
@@ -621,7 +673,7 @@ the saved image next to copies of itself and no seam shows.
 - The reference is encoded with the checkpoint's VAE; the tiled VAE's encoder is not tiled
   anyway (the reference photo does not tile).
 - Make the Empty Latent Image larger for a bigger tile.
-""" + TEXTURE_KNOBS + COMMON_NOTE)
+""" + TEXTURE_KNOBS + HEALTHY_CURVE + COMMON_NOTE)
     return g
 
 
@@ -679,6 +731,7 @@ def label_controlled_texture(defs) -> Graph:
                    {"model": ckpt.out(0), "reference": ref.out(0), "latent": empty.out(0),
                     "target_mask": layout.out(0)})
     decode_and_save(g, (E_WIDE, 0), result, ckpt.out(2), "AD/label_controlled_texture")
+    loss_curve(g, (E_WIDE, LOSS_CURVE_Y), result)
     g.note("""
 SD1.5 texture synthesis controlled by label maps (controlled synthesis).
 
@@ -694,7 +747,7 @@ stones white, then paint the layout black where moss should grow and white where
   Latent Image, 512x512 here: change both sizes together).
 - The red channel is read, so use pure greys; both maps are resized with nearest-exact so grey
   levels never blend. A layout level that the reference lacks draws from the whole reference.
-""" + TEXTURE_KNOBS + COMMON_NOTE)
+""" + TEXTURE_KNOBS + HEALTHY_CURVE + COMMON_NOTE)
     return g
 
 
@@ -713,8 +766,10 @@ def decoder_finetune(defs) -> Graph:
                   {"vae": ckpt.out(2), "images": scaled.out(0)})
     decode_and_save(g, (E, 0), result, ckpt.out(2), "AD/decoder_original",
                     ("VAE Decode (original decoder)", "Save Image (original decoder)"), SMALL_SAVE)
-    decode_and_save(g, (E, 600), result, tuned.out(0), "AD/decoder_finetuned",
+    loss_curve(g, (E, 386), result, "Loss curve (Latent AD Optimize)", (340, 164))
+    decode_and_save(g, (E, 620), result, tuned.out(0), "AD/decoder_finetuned",
                     ("VAE Decode (fine-tuned decoder)", "Save Image (fine-tuned decoder)"), SMALL_SAVE)
+    loss_curve(g, (D, 702), tuned, "Loss curve (decoder fine-tuning)")
     g.note("""
 SD1.5 improved VAE decoding: a decoder fine-tuned on the reference (the paper's improved VAE
 decoding).
@@ -744,12 +799,144 @@ else (VAE Encode of the reference here uses the original VAE).
 Latent AD Optimize (reference code defaults for textures): steps 300, lr 0.05, iterations 1,
 content_weight 0, layers "paper default" (SD1.5: 10-15). The null conditioning is CLIP Text
 Encode with EMPTY text.
+
+Loss curves: a healthy fine-tuning curve falls steadily and flattens out towards the last epochs
+(still falling steeply: more epochs help; climbing or jumping: lr is too high); a healthy Latent
+AD Optimize curve falls fast over the first fifth of the steps, then levels off.
 """ + COMMON_NOTE)
     return g
 
 
+# -- Flux -------------------------------------------------------------------------------------------------
+
+FLUX_SIZE = 512  # the reference code's Flux notebook
+FLUX_COMMON = """
+Flux needs ComfyUI v0.3.64 or newer. What differs from SD: layers count the double blocks, then
+the single blocks ("paper default" = the last 7, FLUX.1: 50-56, the reference's (50, 57)); the
+text tokens are in the attention features, so the null text matters; every AD pass runs at
+guidance 1.0, whatever FluxGuidance sets. T5TokenizerOptions (min_length 512) pads the empty
+prompt to 512 T5 tokens as the reference code does (ComfyUI pads to 256, and Flux's features
+depend on the padded length); it pads the prompt the same way, as the reference's pipeline does.
+Memory: on a 24 GB card load the model with weight_dtype fp8_e4m3fn (or an fp8 file) and keep
+gradient_checkpointing "auto" (on for Flux).
+"""
+
+
+def flux_loaders(g: Graph, rows: dict[str, float]) -> tuple[Source, Source, Source]:
+    """DualCLIPLoader -> T5TokenizerOptions (512 tokens), Load Diffusion Model, Load VAE in the loaders' column:
+    (model, padded clip, vae)."""
+    clip = g.add("DualCLIPLoader", (B, rows["clip"]), {"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux"})
+    padded = g.add("T5TokenizerOptions", (B, rows["t5"]), {"min_padding": 0, "min_length": 512},
+                   {"clip": clip.out(0)}, title="T5TokenizerOptions (512 tokens)")
+    unet = g.add("UNETLoader", (B, rows["unet"]), {"unet_name": FLUX_DEV, "weight_dtype": "default"})
+    vae = g.add("VAELoader", (B, rows["vae"]), {"vae_name": FLUX_VAE})
+    return unet.out(0), padded.out(0), vae.out(0)
+
+
+def flux_sampling(g: Graph, pos: Pos, model: Source) -> Node:
+    """ModelSamplingFlux at the image size (the shift of FLUX.1-dev's schedule)."""
+    return g.add("ModelSamplingFlux", pos, {"max_shift": 1.15, "base_shift": 0.5, "width": FLUX_SIZE,
+                                            "height": FLUX_SIZE}, {"model": model})
+
+
+FLUX_T2I_KNOBS = """
+Settings of the reference code's Flux notebook: FLUX.1-dev, 512x512, 50 steps euler + simple,
+cfg 1, ModelSamplingFlux (max_shift 1.15, base_shift 0.5, the image size), FluxGuidance 3.5,
+AD Loss Guidance lr 0.01 (SD's 0.015 is the node's default), 2 iterations, AdaIN on.
+- lr / iterations: stronger style with more; each iteration costs a forward to the last
+  selected block and its backward.
+- noise_seed: keep it fixed so re-runs reuse the cached reference features; the image seed is
+  the KSampler's.
+The null conditioning is CLIP Text Encode with EMPTY text; it is also the negative prompt (cfg 1
+does not use it).
+"""
+
+
+def _flux_t2i(defs, name: str, prompt: str, style_image: str, prefix: str, note: str, lora: bool = False) -> Graph:
+    g = Graph(name, defs)
+    model, clip, vae = flux_loaders(g, {"clip": 0, "t5": 200, "unet": 352, "vae": 504})
+    sampling_y = 352
+    if lora:
+        lora_node = g.add("LoraLoaderModelOnly", (C, 352), {"lora_name": FLUX_LORA, "strength_model": 0.8},
+                          {"model": model}, size=(250, 82))
+        model, sampling_y = lora_node.out(0), 560  # leaves the VAE's link to VAE Decode a way through
+    sampled_model = flux_sampling(g, (C, sampling_y), model)
+    positive = g.add("CLIPTextEncode", (C, 0), {"text": prompt}, {"clip": clip}, title="Prompt",
+                     colors=POSITIVE_COLORS, size=(250, 120))
+    null = empty_text(g, clip, (C, 160), "Empty prompt (null text, negative)")
+    style = image_latent(g, (B, 632), (C, 740), style_image, vae, FLUX_SIZE, "Style reference")
+    guidance = g.add("FluxGuidance", (D, 0), {"guidance": 3.5}, {"conditioning": positive.out(0)})
+    empty = g.add("EmptySD3LatentImage", (E, 0), {"width": FLUX_SIZE, "height": FLUX_SIZE, "batch_size": 1})
+    ref = _capture(g, (D, 540), sampled_model.out(0), style, null)
+    guided = g.add("ADLossGuidance", (D, 720), {"lr": 0.01, "iterations": 2, "adain": True, "start_percent": 0.0,
+                                                  "end_percent": 1.0, "noise_seed": 0},
+                   {"model": sampled_model.out(0), "reference": ref.out(0)})
+    sampled = g.add("KSampler", (E, 150), {"seed": 0, "steps": 50, "cfg": 1.0, "sampler_name": "euler",
+                                            "scheduler": "simple", "denoise": 1.0},
+                    {"model": guided.out(0), "positive": guidance.out(0), "negative": null.out(0),
+                     "latent_image": empty.out(0)})
+    decode_and_save(g, (E, 462), sampled, vae, prefix)
+    g.note(note + FLUX_T2I_KNOBS + FLUX_COMMON + COMMON_NOTE)
+    return g
+
+
+def t2i_flux(defs) -> Graph:
+    return _flux_t2i(defs, "13_flux_style_text_to_image", "a photo of a lighthouse on a cliff", "style-2.jpg",
+                     "AD/style_t2i_flux",
+                     """
+Flux style-specific text-to-image (FLUX.1-dev): AD Loss Guidance + KSampler, the reference
+code's flux_ad.
+
+The prompt says what to draw, the style reference how it looks. AD Loss Guidance patches the
+model so that after every sampler step the latent is optimized a few Adam iterations against
+the AD loss of the reference's attention (the last 7 single blocks).
+""")
+
+
+def lora_flux(defs) -> Graph:
+    return _flux_t2i(defs, "15_flux_lora_style", "a crane over a lake", "style-1.jpg", "AD/lora_style_flux", """
+LoRA + AD on Flux: LoraLoaderModelOnly feeds both the sampler and Capture Reference Attention,
+so the AD features come from the same LoRA-patched model that samples (any Flux LoRA works; the
+one named here is XLabs' art LoRA in ComfyUI's format). Lower strength_model when the LoRA's
+look overrides the reference.
+""", lora=True)
+
+
+def texture_flux(defs) -> Graph:
+    g = Graph("14_flux_texture_synthesis_optimize", defs)
+    model, clip, vae = flux_loaders(g, {"vae": 0, "clip": 128, "t5": 328, "unet": 480})
+    # Narrower than the SD graphs' empty prompt: the links rising from the column below pass beside it.
+    null = g.add("CLIPTextEncode", (C, 150), {"text": ""}, {"clip": clip}, title="Empty prompt (null text)",
+                 colors=NEGATIVE_COLORS, size=(230, 88))
+    texture = image_latent(g, (B, 632), (C, 380), "texture-17.jpg", vae, FLUX_SIZE, "Texture reference")
+    empty = g.add("EmptySD3LatentImage", (C, 660), {"width": FLUX_SIZE, "height": FLUX_SIZE, "batch_size": 1})
+    sampled_model = flux_sampling(g, (C, 836), model)
+    ref = _capture(g, (D, 150), sampled_model.out(0), texture, null)
+    result = g.add("LatentADOptimize", (D, 330), dict(TEXTURE_OPTIMIZE),
+                   {"model": sampled_model.out(0), "reference": ref.out(0), "latent": empty.out(0)})
+    decode_and_save(g, (E, 0), result, vae, "AD/texture_flux")
+    loss_curve(g, (E, LOSS_CURVE_Y), result)
+    g.note("""
+Flux texture synthesis by optimization (FLUX.1-dev): no reference implementation exists, this
+is the pack's own.
+
+An EmptySD3LatentImage (Flux's 16-channel latent) asks Latent AD Optimize to start from seeded
+noise and optimize it until its attention matches the texture's. The clean latent is fed at
+the model's own simple sigmas (ModelSamplingFlux's shift included), with the null text and
+guidance 1.0, one Adam for the whole run.
+
+Knobs: the SD texture defaults (steps 300, lr 0.05, iterations 1, content_weight 0, layers
+"paper default" = the last 7 single blocks); they are not tuned on real Flux weights. Change
+the seed for another texture; make the latent larger for a bigger one (with AD Texture
+Windows for much larger ones). AD Seamless Tiling does not work on Flux (its positions do not
+wrap).
+""" + HEALTHY_CURVE + FLUX_COMMON + COMMON_NOTE)
+    return g
+
+
 BUILDERS = (style_transfer, appearance_transfer, texture_optimize, texture_sampling, t2i_sd15, t2i_sdxl,
-            controlnet_ad, lora_ad, seamless_texture, large_texture, label_controlled_texture, decoder_finetune)
+            controlnet_ad, lora_ad, seamless_texture, large_texture, label_controlled_texture, decoder_finetune,
+            t2i_flux, texture_flux, lora_flux)
 
 
 def build_all(defs: dict[str, wt.NodeDef]) -> dict[str, dict]:

@@ -44,8 +44,11 @@ MODEL_FILES = {
         "v1-5-pruned-emaonly-fp16.safetensors": "sd15",
         "sd_xl_base_1.0.safetensors": "sdxl",
     },
-    "loras": {"MoXinV1.safetensors": "sd15-lora"},
+    "loras": {"MoXinV1.safetensors": "sd15-lora", "art_lora_comfy_converted.safetensors": "flux-lora"},
     "controlnet": {"control_v11p_sd15_canny_fp16.safetensors": "sd15-controlnet"},
+    "diffusion_models": {"flux1-dev.safetensors": "flux-dev"},
+    "text_encoders": {"clip_l.safetensors": "flux-clip-l", "t5xxl_fp16.safetensors": "flux-t5xxl"},
+    "vae": {"ae.safetensors": "flux-vae"},
 }
 # Which model folder each file-list combo reads (ComfyUI's folder_paths names).
 FILE_COMBOS = {
@@ -53,6 +56,10 @@ FILE_COMBOS = {
     ("LoraLoader", "lora_name"): "loras",
     ("LoraLoaderModelOnly", "lora_name"): "loras",
     ("ControlNetLoader", "control_net_name"): "controlnet",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
 }
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -496,6 +503,9 @@ TITLES = {
     "10_sd15_large_texture": "10 Texture larger than its reference, SD1.5",
     "11_sd15_label_controlled_texture": "11 Texture laid out by label maps, SD1.5",
     "12_sd15_decoder_finetune": "12 Texture decoded by a tuned VAE decoder, SD1.5",
+    "13_flux_style_text_to_image": "13 Text to image styled by a reference, Flux",
+    "14_flux_texture_synthesis_optimize": "14 Texture synthesis by optimization, Flux",
+    "15_flux_lora_style": "15 LoRA with a reference style, Flux",
 }
 
 
