@@ -76,11 +76,6 @@ class CaptureReferenceAttention:
             select_layers(base.diffusion_model, layers)
             require(isinstance(null_conditioning, list) and len(null_conditioning) > 0, NODE,
                     "'null_conditioning' is empty; connect CLIPTextEncode with empty text")
-            mismatch = family.conditioning_mismatch(base, null_conditioning)
-            require(mismatch is None, NODE, f"'null_conditioning' does not fit this model: {mismatch}")
-            note = family.conditioning_note(null_conditioning)
-            if note:
-                log.warning("%s: %s", NODE, note)
             try:
                 mismatch = family.conditioning_mismatch(base, null_conditioning)
                 if mismatch is None:
@@ -88,6 +83,9 @@ class CaptureReferenceAttention:
             except (KeyError, TypeError, AttributeError, ValueError) as error:
                 require(False, NODE, f"'null_conditioning' does not fit this model ({error}); encode it with this checkpoint's CLIP")
             require(mismatch is None, NODE, f"'null_conditioning' does not fit this model: {mismatch}")
+            note = family.conditioning_note(null_conditioning)
+            if note:
+                log.warning("%s: %s", NODE, note)
             scale = finite_number(NODE, attn_scale, "attn_scale", minimum=0.0)
             labels = None
             if reference_mask is not None:
