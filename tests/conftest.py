@@ -17,6 +17,16 @@ from pack_loader import load_pack  # noqa: E402
 torch.set_num_threads(1)  # tiny models: one thread is faster than two, and CI has two cores
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models are dominated by per-op overhead, so one thread is
+    several times faster than two on a loaded 2-core CI machine (measured), and results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def pack():
     return load_pack()

@@ -18,14 +18,7 @@ H, W = 8, 12  # latent size: non-square so that height/width mix-ups show
 # -- helpers -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead: one intra-op thread is several times
-    faster than two on a loaded 2-core CI machine (measured), and results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

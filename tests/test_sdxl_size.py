@@ -19,12 +19,7 @@ REFERENCE_SIZES = {"smaller": (8, 8), "larger": (24, 24), "other aspect": (8, 16
 LAYERS = "2-7"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plain_null(seed: int = 9) -> list:
