@@ -74,6 +74,9 @@ class ModelFamily(ABC):
     # Why AD Seamless Tiling cannot make this family's model wrap around the edges exactly, or None
     # (wrapping convolutions is exact; a transformer's positional encoding does not wrap).
     seamless_tiling_error: str | None = None
+    # AD Texture Windows' size and stride, in latent pixels, must be multiples of this: a DiT reads its
+    # latent in patches (Flux: 2x2), so a window must cover whole patches.
+    latent_multiple: int = 1
 
     # -- anatomy ------------------------------------------------------------------------------------
     @abstractmethod

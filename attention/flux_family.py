@@ -17,6 +17,7 @@ from .family import ModelFamily
 from .flux_model import (
     ADAIN_DIMS,
     FLUX_PAPER_DEFAULT_COUNT,
+    PATCH,
     REFERENCE_T5_TOKENS,
     FluxAttentionLayer,
     check_flux_model,
@@ -75,6 +76,7 @@ class FluxFamily(ModelFamily):
     default_layer_count = FLUX_PAPER_DEFAULT_COUNT
     seamless_tiling_error = TILING_MESSAGE
     adain_dims = ADAIN_DIMS
+    latent_multiple = PATCH
     # §2.7 step 4: AdaIN matches x' to the same noised reference r whose features are the target.
     adain_shares_reference_noise = True
 

@@ -228,7 +228,7 @@ class ADLossGuidance:
                     mask_batch(NODE, target_mask, "target_mask", target_mask.shape[0] if target_mask.ndim == 3 else 1)
                 )
 
-            window_choice = window_settings(NODE, windows)
+            window_choice = window_settings(NODE, windows, family)
             patched = model.clone()
             if iterations == 0 or (lr == 0 and not adain):
                 log.warning("%s: iterations or lr is 0 (and AdaIN off), so the model is returned unguided", NODE)

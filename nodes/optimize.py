@@ -114,7 +114,7 @@ class LatentADOptimize:
                         "a target mask needs region labels on the reference too: connect reference_mask on Capture Reference Attention")
                 labels = labels_from_mask(mask_batch(NODE, target_mask, "target_mask", samples.shape[0]))
 
-            window_choice = window_settings(NODE, windows)
+            window_choice = window_settings(NODE, windows, family)
             if lr == 0 or iterations == 0:
                 log.warning("%s: lr or iterations is 0, so the node does nothing and returns its latent unchanged", NODE)
                 return (latent, loss_curve_image([], "step", NODE, note="nothing optimized: lr or iterations is 0"))

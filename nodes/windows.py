@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..attention.family import PIXELS_PER_LATENT
+from ..attention.family import PIXELS_PER_LATENT, ModelFamily
 from ..guidance.windows import WindowSettings
 from .common import CATEGORY
 from .errors import require
@@ -15,11 +15,18 @@ AD_WINDOWS = "AD_WINDOWS"
 LATENT_SCALE = PIXELS_PER_LATENT
 
 
-def window_settings(node: str, windows: Any) -> WindowSettings | None:
-    """The AD_WINDOWS input of a node, checked."""
+def window_settings(node: str, windows: Any, family: ModelFamily) -> WindowSettings | None:
+    """The AD_WINDOWS input of a node, checked against the model's family (a DiT's windows must
+    cover whole patches)."""
     if windows is None:
         return None
     require(isinstance(windows, WindowSettings), node, "'windows' must come from AD Texture Windows")
+    multiple = family.latent_multiple
+    pixels = multiple * LATENT_SCALE
+    require(windows.size % multiple == 0 and windows.stride % multiple == 0, node,
+            f"on {family.name}, AD Texture Windows' window_size and stride must be multiples of {pixels} pixels "
+            f"(the model reads its latent in {multiple}x{multiple} patches); got {windows.size * LATENT_SCALE} "
+            f"and {windows.stride * LATENT_SCALE}")
     return windows
 
 

@@ -136,6 +136,23 @@ def test_windows_bound_the_memory_of_a_large_texture(pack, flux, reference):
     assert windowed <= 1.3 * small + latent_state, (small, windowed, whole)
 
 
+def test_windows_of_half_patches_get_a_clear_error(pack, flux, reference):
+    """Flux reads its latent in 2x2 patches: a window of an odd number of latent pixels is refused by
+    both AD nodes, naming the node and the size that fits; SD takes the same windows."""
+    import tiny_models as tm
+    from attention_distillation_pack.nodes.errors import ADNodeError
+    from attention_distillation_pack.nodes.guidance import ADLossGuidance
+    from attention_distillation_pack.attention.families import family_of
+    from attention_distillation_pack.nodes.windows import ADTextureWindows, window_settings
+
+    (odd,) = ADTextureWindows().windows(72, 24)  # 9 and 3 latent pixels
+    with pytest.raises(ADNodeError, match=r"Latent AD Optimize.*multiples of 16 pixels.*got 72 and 24"):
+        optimize(flux, reference, torch.zeros(1, 16, 32, 32), steps=1, windows=odd)
+    with pytest.raises(ADNodeError, match=r"AD Loss Guidance.*multiples of 16 pixels"):
+        ADLossGuidance().patch(flux, reference, 0.01, 2, True, 0.0, 1.0, 0, windows=odd)
+    assert window_settings("node", odd, family_of(tm.build("sd15").model)) is odd
+
+
 def test_cancel_mid_run_leaves_nothing_behind(pack, flux, reference):
     import comfy.model_management as mm
     from test_flux_guided import sample
