@@ -123,8 +123,10 @@ def test_runtime_order_equals_static_walk(pack):
 
 
 def test_pack_is_imported_once_by_path(pack):
-    """pytest must not import the repository root as a package of its folder's name."""
+    """pytest must not import the repository root as a package of its folder's name. ComfyUI's own
+    loader (the executor tests) imports it again under its folder's path, which is a path, not a name."""
+    import os
     import sys
 
     names = {m.rsplit(".", 2)[0] for m in sys.modules if m.endswith(".guidance.losses")}
-    assert names == {pack.__name__}
+    assert {name for name in names if os.sep not in name} == {pack.__name__}
