@@ -48,8 +48,7 @@ class ADModelSession:
             tuple(layer.patch_key for layer in self.layers),
         )
         self._ref_latent: torch.Tensor | None = None
-        self._cond_cache: dict[tuple, Any] = {}
-        self._cond_identity: dict[tuple, tuple] = {}
+        self._cond_cache: dict[tuple, tuple[Any, tuple]] = {}  # key -> (conditioning, its identity)
         self.image_hw: tuple[int, int] | None = None
 
     def condition_on_image(self, shape: tuple[int, ...] | torch.Size) -> None:
@@ -77,21 +76,22 @@ class ADModelSession:
     def null_cond(self, latent: torch.Tensor) -> Any:
         """The family's empty-prompt inputs for a pass feeding `latent`, sized by `condition_on_image`
         (a pass outside a declared image is sized by its own latent)."""
-        key = self._cond_key(latent)
-        if key not in self._cond_cache:
-            cond = self.family.conditioning(
-                self.base_model, self.reference.conditioning, latent.detach().clone(), self.device, image_hw=key[1]
-            )
-            self._cond_cache[key] = cond
-            self._cond_identity[key] = self.family.conditioning_identity(cond)
-        return self._cond_cache[key]
+        return self._conditioned(latent)[0]
 
     def cond_identity(self, latent: torch.Tensor) -> tuple:
         """What a pass's conditioning adds to the reference's own null text, for cache keys (the
         family's `conditioning_identity`; SDXL: the pooled/size vector `y`, so features for one
         output size are never reused for another)."""
-        self.null_cond(latent)
-        return self._cond_identity[self._cond_key(latent)]
+        return self._conditioned(latent)[1]
+
+    def _conditioned(self, latent: torch.Tensor) -> tuple[Any, tuple]:
+        key = self._cond_key(latent)
+        if key not in self._cond_cache:
+            cond = self.family.conditioning(
+                self.base_model, self.reference.conditioning, latent.detach().clone(), self.device, image_hw=key[1]
+            )
+            self._cond_cache[key] = (cond, self.family.conditioning_identity(cond))
+        return self._cond_cache[key]
 
     def _cond_key(self, latent: torch.Tensor) -> tuple:
         image_hw = self.image_hw if self.image_hw is not None else (int(latent.shape[-2]), int(latent.shape[-1]))
