@@ -8,35 +8,12 @@ outputs of the checkpointed function, so the loss reaches them through the recom
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 
+from .recompute import CheckpointedBlock
 from .recorder import AttentionRecorder, LayerRecord, StopForward
 from .sd_unet import count_transformers, unet_segments
-
-
-class _CheckpointedBlock(torch.autograd.Function):
-    """Runs `run(h) -> (h_out, *features)` without a graph; recomputes it in backward."""
-
-    @staticmethod
-    def forward(ctx, run: Callable, h: torch.Tensor):  # noqa: ANN205
-        ctx.run = run
-        ctx.save_for_backward(h)
-        with torch.no_grad():
-            return run(h)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # noqa: ANN205
-        (h,) = ctx.saved_tensors
-        run, ctx.run = ctx.run, None
-        h = h.detach().requires_grad_(True)
-        with torch.enable_grad():
-            outputs = run(h)
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return None, h.grad
 
 
 def checkpointed_forward(
@@ -92,7 +69,7 @@ def checkpointed_forward(
             except StopForward:
                 return
         else:
-            h, *features = _CheckpointedBlock.apply(run, h)
+            h, *features = CheckpointedBlock.apply(run, h)
             for i, key in enumerate(keys):
                 main_records[key] = LayerRecord(q=features[2 * i], out=features[2 * i + 1], hw=hw[key])
         transformer_index += count_transformers(block)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .recompute import CheckpointedBlock
 from .recorder import LayerRecord, StopForward, split_heads
 
 BlockKey = tuple[str, int]
@@ -140,28 +141,6 @@ def residual_guard(*residuals: torch.Tensor) -> Iterator[None]:
         yield
 
 
-class _CheckpointedBlock(torch.autograd.Function):
-    """Runs `run(*hidden) -> (*hidden_out, *features)` without a graph; recomputes in backward."""
-
-    @staticmethod
-    def forward(ctx, run: Callable, *hidden: torch.Tensor):  # noqa: ANN205
-        ctx.run = run
-        ctx.save_for_backward(*hidden)
-        with torch.no_grad():
-            return run(*hidden)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # noqa: ANN205
-        run, ctx.run = ctx.run, None
-        hidden = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
-        with torch.enable_grad():
-            outputs = run(*hidden)
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, *[t.grad if t.requires_grad else None for t in hidden])
-
-
 _FEATURES = ("q", "k", "v", "out")
 
 
@@ -222,7 +201,7 @@ class FluxBlockWrapper:
             features = tuple(getattr(local[self.key], f) for f in _FEATURES) if recorded else ()
             return (*[out[name] for name in names], *features)
 
-        outputs = _CheckpointedBlock.apply(run, *hidden)
+        outputs = CheckpointedBlock.apply(run, *hidden)
         result = dict(zip(names, outputs[: len(names)]))
         if recorded:
             q, k, v, out = outputs[len(names):]
