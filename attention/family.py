@@ -32,13 +32,17 @@ def compute_dtype(base_model: Any) -> torch.dtype:
     return manual if manual is not None else dtype
 
 
-def backward_capable_attention(func, *args, **kwargs):
-    """`optimized_attention_override` for AD passes: SDPA, which every backend can differentiate
-    (sage/flash kernels cannot)."""
+def backward_capable_kernel(func):
+    """The attention function of AD passes: SDPA, which every backend can differentiate (sage/flash
+    kernels cannot); the host's own `func` should a ComfyUI version rename it."""
     import comfy.ldm.modules.attention as attention
 
-    sdpa = getattr(attention, "attention_pytorch", None)
-    return (sdpa or func)(*args, **kwargs)
+    return getattr(attention, "attention_pytorch", None) or func
+
+
+def backward_capable_attention(func, *args, **kwargs):
+    """`optimized_attention_override` for AD passes: attention through `backward_capable_kernel`."""
+    return backward_capable_kernel(func)(*args, **kwargs)
 
 
 @shown_as_pack

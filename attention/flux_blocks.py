@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .family import backward_capable_kernel
 from .recompute import CheckpointedBlock
 from .recorder import LayerRecord, StopForward, split_heads
 
@@ -72,10 +73,8 @@ class FluxPassState:
             self.records = main
 
 
-def _sdpa(previous: Callable | None, *args: Any, **kwargs: Any) -> torch.Tensor:
-    import comfy.ldm.modules.attention as attention
-
-    sdpa = attention.attention_pytorch
+def _sdpa(previous: Callable | None, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+    sdpa = backward_capable_kernel(func)
     if previous is not None:
         return previous(sdpa, *args, **kwargs)
     return sdpa(*args, **kwargs)
@@ -88,7 +87,7 @@ class ForcedSDPA:
         self.previous = previous
 
     def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _sdpa(self.previous, *args, **kwargs)
+        return _sdpa(self.previous, func, *args, **kwargs)
 
 
 class RecordingOverride:
@@ -104,7 +103,7 @@ class RecordingOverride:
                  **kwargs: Any) -> torch.Tensor:
         if not kwargs.get("skip_reshape", False):
             raise RuntimeError("this ComfyUI's Flux attention does not pass split heads; Flux AD cannot read it")
-        out = _sdpa(self.previous, q, k, v, *args, **kwargs)
+        out = _sdpa(self.previous, func, q, k, v, *args, **kwargs)
         self.state.record(self.key, q, k, v, out)
         if self.state.stop_early and self.key == self.state.last_key:
             raise StopForward
