@@ -33,41 +33,16 @@ from .flux_model import (
     packed_view,
 )
 from .flux_pass import FluxFeaturePass
-from .layer_spec import LayerSpecError, is_paper_default, parse_layer_spec
 
 __all__ = ["FLUX", "FluxAttentionLayer", "FluxFamily", "FluxFeaturePass", "REFERENCE_T5_TOKENS", "check_flux_model",
            "describe_layers", "feature_time", "flow_noised", "flux_conditioning", "flux_conditioning_mismatch",
-           "host_supports_flux", "list_flux_attention_layers", "null_text_tokenizer_options", "packed_view",
-           "paper_default_indices", "parse_flux_layer_spec", "select_flux_layers"]
+           "host_supports_flux", "list_flux_attention_layers", "null_text_tokenizer_options", "packed_view"]
 
 TILING_MESSAGE = (
     "Flux cannot be made to tile seamlessly: its transformer places every image token by RoPE positions "
     "that run from one edge to the other and do not wrap around, so wrapping the VAE alone would leave a "
     "seam. Use AD Texture Windows for large Flux textures, or an SD1.x/SDXL model for seamless ones"
 )
-
-
-def paper_default_indices(layers: Sequence[FluxAttentionLayer]) -> tuple[int, ...]:
-    """The last 7 layers: the reference's `(50, 57)` on FLUX.1 (its last 7 single blocks)."""
-    return tuple(layer.ad_index for layer in layers[-FLUX_PAPER_DEFAULT_COUNT:])
-
-
-def parse_flux_layer_spec(spec: str, layers: Sequence[FluxAttentionLayer]) -> tuple[int, ...]:
-    """"paper default", indices and ranges ("50-56", "19,31..37") as on SD; out-of-range
-    selections name this model's valid range and its blocks."""
-    if not layers:
-        raise LayerSpecError("the Flux model has no attention blocks")
-    if is_paper_default(spec):
-        return paper_default_indices(layers)
-    try:
-        return parse_layer_spec(spec, len(layers))
-    except LayerSpecError as error:
-        raise LayerSpecError(f"{error} (this Flux model has {describe_layers(list(layers))})") from None
-
-
-def select_flux_layers(diffusion_model: torch.nn.Module, spec: str) -> list[FluxAttentionLayer]:
-    layers = list_flux_attention_layers(diffusion_model)
-    return [layers[i] for i in parse_flux_layer_spec(spec, layers)]
 
 
 class FluxFamily(ModelFamily):
@@ -88,9 +63,6 @@ class FluxFamily(ModelFamily):
 
     def attention_layers(self, diffusion_model: torch.nn.Module) -> list[FluxAttentionLayer]:
         return list_flux_attention_layers(diffusion_model)
-
-    def default_layers(self, layers: Sequence[FluxAttentionLayer]) -> tuple[int, ...]:
-        return paper_default_indices(layers)
 
     def describe_layers(self, layers: Sequence[FluxAttentionLayer]) -> str:
         return f"this Flux model has {describe_layers(list(layers))}"

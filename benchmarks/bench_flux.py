@@ -17,6 +17,7 @@ import torch
 from harness import tensor_peak
 
 from attention_distillation_pack.attention import flux_family as ff
+from attention_distillation_pack.attention.layers import select_layers
 from attention_distillation_pack.guidance.autograd import autograd_through
 from attention_distillation_pack.guidance.losses import ad_loss
 from attention_distillation_pack.nodes.capture import CaptureReferenceAttention
@@ -68,7 +69,7 @@ pooled = torch.randn(1, 768, generator=generator) * 0.1
 sigma = 0.5
 time_ad, _ = ff.feature_time(base.model_sampling, sigma)
 cond = ff.flux_conditioning(base, [[context, {"pooled_output": pooled}]], x, torch.device("cpu"))
-layers = ff.select_flux_layers(dm, args.layers)
+layers = select_layers(dm, args.layers)
 with torch.inference_mode():
     refs = ff.FluxFeaturePass(base, layers).run(reference, time_ad, cond)
 

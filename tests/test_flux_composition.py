@@ -27,11 +27,12 @@ def _sample(patcher) -> torch.Tensor:
 def _ad_pass_with_backward(patcher, checkpoint: bool = True) -> list:
     """What an AD update does: a reference pass, then a differentiated, checkpointed pass."""
     from attention_distillation_pack.attention import flux_family as ff
+    from attention_distillation_pack.attention.layers import select_layers
     from attention_distillation_pack.guidance.autograd import autograd_through
     from attention_distillation_pack.guidance.losses import ad_loss
 
     base = patcher.model
-    layers = ff.select_flux_layers(base.diffusion_model, "paper default")
+    layers = select_layers(base.diffusion_model, "paper default")
     options = patcher.model_options["transformer_options"]
     time, cond = tf.pass_inputs(base, tf.latent(), SIGMA)
     with autograd_through(base.diffusion_model):

@@ -102,13 +102,14 @@ def _capture_inputs(base, x, conditioning, guidance: float):
 @pytest.mark.parametrize("kind", ["dev", "schnell"])
 def test_recorded_features_equal_the_direct_computation(pack, kind):
     from attention_distillation_pack.attention import flux_family as ff
+    from attention_distillation_pack.attention.layers import select_layers
 
     with torch.inference_mode():
         patcher = tf.build(kind, dtype=torch.float64)
         base = patcher.model
         conditioning = tf.null_conditioning(dtype=torch.float64, guidance=7.0)
         x = tf.latent(batch=2, dtype=torch.float64)
-        layers = ff.select_flux_layers(base.diffusion_model, "0,1,3,4")
+        layers = select_layers(base.diffusion_model, "0,1,3,4")
         records = ff.FluxFeaturePass(base, layers).run(x, *tf.pass_inputs(base, x, SIGMA, conditioning))
         inputs = _capture_inputs(base, x, conditioning, guidance=1.0)
     ids = _positions(tf.TEXT_TOKENS, (4, 3), 2, torch.float64)
@@ -132,11 +133,12 @@ def test_recorded_features_equal_the_direct_computation(pack, kind):
 def test_guidance_is_one_whatever_the_null_conditioning_carries(pack):
     """FLUX.1-dev embeds guidance: features at the conditioning's 3.5 would differ."""
     from attention_distillation_pack.attention import flux_family as ff
+    from attention_distillation_pack.attention.layers import select_layers
 
     with torch.inference_mode():
         base = tf.build("dev", dtype=torch.float64).model
         x = tf.latent(dtype=torch.float64)
-        feature_pass = ff.FluxFeaturePass(base, ff.select_flux_layers(base.diffusion_model, "4"))
+        feature_pass = ff.FluxFeaturePass(base, select_layers(base.diffusion_model, "4"))
         runs = {}
         for guidance in (None, 3.5, 1.0):
             conditioning = tf.null_conditioning(guidance=guidance, dtype=torch.float64)
@@ -150,6 +152,7 @@ def test_guidance_is_one_whatever_the_null_conditioning_carries(pack):
 def test_forward_stops_after_the_last_selected_block(pack):
     """Blocks after the last selected one never run, and neither does the final layer."""
     from attention_distillation_pack.attention import flux_family as ff
+    from attention_distillation_pack.attention.layers import select_layers
 
     calls = []
 
@@ -166,7 +169,7 @@ def test_forward_stops_after_the_last_selected_block(pack):
         try:
             options = patcher.model_options["transformer_options"]
             inputs = tf.pass_inputs(base, tf.latent(), SIGMA)
-            layers = ff.select_flux_layers(base.diffusion_model, "0,3")
+            layers = select_layers(base.diffusion_model, "0,3")
             ff.FluxFeaturePass(base, layers, transformer_options=options).run(tf.latent(), *inputs)
             assert calls == []
             ff.FluxFeaturePass(base, layers, stop_early=False, transformer_options=options).run(tf.latent(), *inputs)

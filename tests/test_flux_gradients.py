@@ -32,11 +32,12 @@ def _objective(patcher, checkpoint: bool, options: dict | None = None, seed: int
     the same function; the AD loss proper detaches its target), plus L1 terms on the image
     tokens' queries and on all keys, so that every recorded feature carries gradient."""
     from attention_distillation_pack.attention import flux_family as ff
+    from attention_distillation_pack.attention.layers import select_layers
     from attention_distillation_pack.guidance.losses import attention_target, content_loss
 
     base = patcher.model
     dtype = base.get_dtype() if base.manual_cast_dtype is None else base.manual_cast_dtype
-    layers = ff.select_flux_layers(base.diffusion_model, SPEC)
+    layers = select_layers(base.diffusion_model, SPEC)
     differentiated = ff.FluxFeaturePass(base, layers, checkpoint=checkpoint, transformer_options=options)
     fixed_pass = ff.FluxFeaturePass(base, layers, transformer_options=options)
     time, cond = tf.pass_inputs(base, tf.latent(), SIGMA, tf.null_conditioning(dtype=dtype))

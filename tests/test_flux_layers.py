@@ -8,6 +8,13 @@ import torch
 import tiny_flux as tf
 
 
+def selected(spec: str, diffusion_model) -> tuple[int, ...]:
+    """The AD indices the pack's layer selection gives `spec` on this model."""
+    from attention_distillation_pack.attention.layers import select_layers
+
+    return tuple(layer.ad_index for layer in select_layers(diffusion_model, spec))
+
+
 def _family():
     from attention_distillation_pack.attention import flux_family
 
@@ -43,7 +50,9 @@ def test_real_flux1_walk_counts_and_paper_default(pack, kind):
     assert {(layer.heads, layer.dim_head) for layer in layers} == {(24, 128)}
     assert [layer.ad_index for layer in layers] == list(range(57))
     # the reference's Controller(self_layers=(50, 57)): calls 50..56 = single blocks 31..37
-    default = ff.select_flux_layers(meta, "paper default")
+    from attention_distillation_pack.attention.layers import select_layers
+
+    default = select_layers(meta, "paper default")
     assert [layer.ad_index for layer in default] == list(range(50, 57))
     assert [layer.patch_key for layer in default] == [("single_block", j) for j in range(31, 38)]
 
@@ -55,15 +64,15 @@ def test_explicit_specs_and_out_of_range_errors_name_the_valid_range(pack):
 
     _, meta = tf.flux1_meta()
     layers = ff.list_flux_attention_layers(meta)
-    assert ff.parse_flux_layer_spec("0-18", layers) == tuple(range(19))
-    assert [layers[i].patch_key for i in ff.parse_flux_layer_spec("18,19..20", layers)] == [
+    assert selected("0-18", meta) == tuple(range(19))
+    assert [layers[i].patch_key for i in selected("18,19..20", meta)] == [
         ("double_block", 18), ("single_block", 0), ("single_block", 1)]
     with pytest.raises(LayerSpecError) as error:
-        ff.parse_flux_layer_spec("50-57", layers)
+        selected("50-57", meta)
     message = str(error.value)
     assert "0-56" in message and "double blocks 0-18" in message and "single blocks 19-56" in message
     with pytest.raises(LayerSpecError, match="cannot read"):
-        ff.parse_flux_layer_spec("last seven", layers)
+        selected("last seven", meta)
 
 
 @tf.requires_flux_host
@@ -80,7 +89,7 @@ def test_tiny_models_walk_from_the_loaded_model(pack, kind):
     layers = ff.list_flux_attention_layers(model.diffusion_model)
     assert [layer.patch_key for layer in layers] == [
         ("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1), ("single_block", 2)]
-    assert ff.parse_flux_layer_spec("paper default", layers) == (0, 1, 2, 3, 4)
+    assert selected("paper default", model.diffusion_model) == (0, 1, 2, 3, 4)
     assert "5 attention layers: double blocks 0-1, single blocks 2-4" in ff.describe_layers(layers)
 
 
@@ -93,9 +102,9 @@ def test_paper_default_rule_on_other_depths(pack):
         kinds = [("double_block", i) for i in range(double)] + [("single_block", j) for j in range(single)]
         return [ff.FluxAttentionLayer(n, kind, i, 4, 16) for n, (kind, i) in enumerate(kinds)]
 
-    assert ff.paper_default_indices(layers(8, 38)) == tuple(range(39, 46))
-    assert ff.paper_default_indices(layers(4, 3)) == tuple(range(7))
-    assert ff.paper_default_indices(layers(1, 2)) == (0, 1, 2)
+    assert ff.FLUX.default_layers(layers(8, 38)) == tuple(range(39, 46))
+    assert ff.FLUX.default_layers(layers(4, 3)) == tuple(range(7))
+    assert ff.FLUX.default_layers(layers(1, 2)) == (0, 1, 2)
 
 
 @tf.requires_flux_host
