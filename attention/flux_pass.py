@@ -10,6 +10,7 @@ import torch
 
 from .family import compute_dtype
 from .flux_blocks import FluxLayerRecord, FluxPassState, wrapped_options
+from .host_training import training_kernels
 from .flux_model import (
     DOUBLE_BLOCK,
     SINGLE_BLOCK,
@@ -74,14 +75,15 @@ class FluxFeaturePass:
             return t if t.shape[0] == batch else t[:1].expand(batch, *t.shape[1:])
 
         guidance = cond.get("guidance")
-        try:
-            self.diffusion_model(
-                model_input.to(self.dtype), torch.full((batch,), float(time), device=device), batched(context),
-                y=batched(cond["y"]), guidance=batched(guidance) if guidance is not None else None,
-                control=None, transformer_options=options,
-            )
-        except StopForward:
-            pass
+        with training_kernels():
+            try:
+                self.diffusion_model(
+                    model_input.to(self.dtype), torch.full((batch,), float(time), device=device), batched(context),
+                    y=batched(cond["y"]), guidance=batched(guidance) if guidance is not None else None,
+                    control=None, transformer_options=options,
+                )
+            except StopForward:
+                pass
         missing = [key for key in self.keys if key not in state.records]
         if missing:
             raise RuntimeError(f"Flux blocks {missing} did not run in the AD forward")

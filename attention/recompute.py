@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from .host_training import training_kernels
+
 
 class CheckpointedBlock(torch.autograd.Function):
     """Runs `run(*hidden) -> (*hidden_out, *features)` without a graph; recomputes it in backward.
@@ -25,7 +27,7 @@ class CheckpointedBlock(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):  # noqa: ANN205
         run, ctx.run = ctx.run, None
         hidden = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
-        with torch.enable_grad():
+        with torch.enable_grad(), training_kernels():  # the recomputation is an AD pass too
             outputs = run(*hidden)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         if pairs:

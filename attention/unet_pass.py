@@ -8,6 +8,7 @@ import torch
 
 from .checkpointing import checkpointed_forward
 from .family import PIXELS_PER_LATENT, UnsupportedModelError, backward_capable_attention, compute_dtype
+from .host_training import training_kernels
 from .recorder import AttentionRecorder, LayerRecord, StopForward
 from .sd_unet import SelfAttentionLayer
 
@@ -79,11 +80,12 @@ class UNetFeaturePass:
             kwargs[name] = value.to(self.dtype) if value.is_floating_point() else value
         context = kwargs.pop("context")
         x = unet_input.to(self.dtype)
-        if self.checkpoint and x.requires_grad:
-            checkpointed_forward(self.diffusion_model, x, timesteps, context, recorder, options, y=kwargs.get("y"))
-            return recorder.ordered()
-        try:
-            self.diffusion_model(x, timesteps, context=context, control=None, transformer_options=options, **kwargs)
-        except StopForward:
-            pass
+        with training_kernels():
+            if self.checkpoint and x.requires_grad:
+                checkpointed_forward(self.diffusion_model, x, timesteps, context, recorder, options, y=kwargs.get("y"))
+                return recorder.ordered()
+            try:
+                self.diffusion_model(x, timesteps, context=context, control=None, transformer_options=options, **kwargs)
+            except StopForward:
+                pass
         return recorder.ordered()

@@ -9,13 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tiny_flux as tf
+from comfy_env import differentiable_kernels
 
 pytestmark = tf.requires_flux_host
 SIGMA = 0.6
 
 
-def _rms(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * scale
+def _rms(t: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """Flux's own RMSNorm (up to v0.3.64): `scale`, eps 1e-6; ComfyUI's RMSNorm op (v0.33): torch's RMSNorm
+    with `weight` and its `eps` (None: the dtype's machine epsilon)."""
+    if hasattr(norm, "scale"):
+        return t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * norm.scale
+    eps = norm.eps if norm.eps is not None else torch.finfo(t.dtype).eps
+    return t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + eps) * norm.weight
 
 
 def _positions(text: int, hw: tuple[int, int], batch: int, dtype) -> torch.Tensor:
@@ -54,7 +60,8 @@ def _stream_qkv(hidden, mod_lin, attn, vec, heads):
     """q, k, v of one stream of a double block, normed, before RoPE."""
     h, _ = _modulated(hidden, mod_lin, vec, 6)
     q, k, v = F.linear(h, attn.qkv.weight, attn.qkv.bias).chunk(3, dim=-1)
-    return _rms(_heads(q, heads), attn.norm.query_norm.scale), _rms(_heads(k, heads), attn.norm.key_norm.scale), _heads(v, heads)
+    norm = attn.norm
+    return _rms(_heads(q, heads), norm.query_norm), _rms(_heads(k, heads), norm.key_norm), _heads(v, heads)
 
 
 @torch.no_grad()
@@ -67,8 +74,8 @@ def _direct(block, kind: str, inputs: dict, ids: torch.Tensor) -> dict:
         h, _ = _modulated(x, block.modulation.lin, vec, 3)
         qkv = F.linear(h, block.linear1.weight, block.linear1.bias)[..., : 3 * x.shape[-1]]
         q, k, v = qkv.chunk(3, dim=-1)
-        q = _rms(_heads(q, heads), block.norm.query_norm.scale)
-        k = _rms(_heads(k, heads), block.norm.key_norm.scale)
+        q = _rms(_heads(q, heads), block.norm.query_norm)
+        k = _rms(_heads(k, heads), block.norm.key_norm)
         v = _heads(v, heads)
     else:
         tq, tk, tv = _stream_qkv(inputs["txt"], block.txt_mod.lin, block.txt_attn, vec, heads)
@@ -78,6 +85,7 @@ def _direct(block, kind: str, inputs: dict, ids: torch.Tensor) -> dict:
     return {"q": q, "k": k, "v": v, "out": F.scaled_dot_product_attention(q, k, v)}
 
 
+@differentiable_kernels()
 def _capture_inputs(base, x, conditioning, guidance: float):
     """Block inputs of a plain forward through ComfyUI's `apply_model` at σ (the sampler's call)."""
     captured = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import tiny_flux as tf
+from comfy_env import differentiable_kernels
 import tiny_models as tm
 
 SIGMA = 0.55
@@ -60,13 +61,28 @@ def _objective(patcher, checkpoint: bool, options: dict | None = None, seed: int
 
 def _lora_patched(kind: str = "dev", dtype: torch.dtype = torch.float64, lowvram: bool = False):
     """LoRA on every 2-D block weight through ComfyUI's loader, patched inside inference mode;
-    `lowvram`: every op casts per call and applies the LoRA on the fly (LowVramPatch)."""
+    `lowvram`: every op casts per call and applies the LoRA on the fly (LowVramPatch).
+
+    v0.33 computes a fully loaded LoRA in `lora_compute_dtype` (float32 on CPU) and an on-the-fly one
+    in the weight's dtype; for float64 weights both compute in float64 here, so the two loading modes
+    hold the same weights (on v0.3.64 they already did)."""
+    import comfy.model_management as mm
     import comfy.sd
 
-    with torch.inference_mode():
-        base = tf.build(kind, dtype=dtype)
-        patched, _ = comfy.sd.load_lora_for_models(base, None, tm.lora_state_dict(base, match="blocks"), 1.0, 0.0)
-        patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1 if lowvram else 0)
+    compute_dtypes = getattr(mm, "LORA_COMPUTE_DTYPES", {})
+    device = torch.device("cpu")
+    before = compute_dtypes.get(device)
+    compute_dtypes[device] = dtype
+    try:
+        with torch.inference_mode():
+            base = tf.build(kind, dtype=dtype)
+            patched, _ = comfy.sd.load_lora_for_models(base, None, tm.lora_state_dict(base, match="blocks"), 1.0, 0.0)
+            patched.patch_model(device_to=device, lowvram_model_memory=1 if lowvram else 0)
+    finally:
+        if before is None:
+            compute_dtypes.pop(device, None)
+        else:
+            compute_dtypes[device] = before
     assert len(patched.patches) > 0
     return patched
 
@@ -114,18 +130,31 @@ def test_gradient_matches_finite_differences_with_lora(pack, kind, checkpoint):
 
 @tf.requires_flux_host
 def test_lowvram_loading_gives_the_same_gradient(pack):
+    """On-the-fly LoRA weights (lowvram): the gradient is that of the model, checked against central
+    differences as for full loading, and equals full loading's. v0.3.64 rounds both loading modes' LoRA
+    through float32 alike (equal to 1e-13); v0.33 computes a fully loaded LoRA's deltas in float32 and an
+    on-the-fly one in the weight's dtype, so there the two models differ by float32 rounding (measured:
+    1.5e-5 of the largest gradient element) and agree to 1e-4."""
+    import comfy.model_management as mm
+
     x0 = tf.latent(seed=7, dtype=torch.float64)
+    direction = torch.randn(x0.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     grads = []
     for lowvram in (False, True):
         patcher = _lora_patched(lowvram=lowvram)
         on_the_fly = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "weight_function", None)]
         assert bool(on_the_fly) is lowvram
         try:
-            grads.append(_gradient(patcher, x0, checkpoint=True)[0])
+            grad, pairs = _gradient(patcher, x0, True, [direction / direction.norm()], options=float64_options())
+            for fd, analytic in pairs:
+                assert abs(fd - analytic) <= 1e-6 * float(grad.norm()), pairs
+            grads.append(grad)
         finally:
             with torch.inference_mode():
                 patcher.unpatch_model(device_to=torch.device("cpu"))
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-13)
+    same_rounding = not hasattr(mm, "in_training")  # the hosts before v0.33
+    tolerance = dict(rtol=1e-10, atol=1e-13) if same_rounding else dict(rtol=1e-4, atol=1e-4 * float(grads[0].abs().max()))
+    torch.testing.assert_close(grads[1], grads[0], **tolerance)
 
 
 @tf.requires_flux_host
@@ -146,6 +175,7 @@ def test_checkpointing_gives_the_same_gradient_and_lora_changes_it(pack):
 
 
 @tf.requires_flux_host
+@differentiable_kernels()
 def test_comfyui_flux_blocks_need_the_inplace_guard(pack):
     """Why the guard exists: a plain backward through ComfyUI's Flux fails on `x += …`."""
     from attention_distillation_pack.guidance.autograd import autograd_through

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tiny_flux as tf
+from comfy_env import differentiable_kernels
 from ad_helpers import capture
 
 pytestmark = tf.requires_flux_host
@@ -32,6 +33,7 @@ class _Recorder:
         return out.transpose(1, 2).reshape(b, n, h * d)
 
 
+@differentiable_kernels()
 def _features(dm, x: torch.Tensor, tau: float, null: list) -> list[tuple[torch.Tensor, ...]]:
     """Features of the last 7 attention calls: null text, null pooled, guidance 1.0, time τ."""
     recorder = _Recorder()
@@ -59,6 +61,7 @@ def _adain(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return _unpack(out, x.shape)
 
 
+@differentiable_kernels()
 def literal_run(base, x: torch.Tensor, sigmas: list[float], positive: list, null: list, reference: torch.Tensor,
                 adain: bool = True) -> torch.Tensor:
     """§2.7 steps 1-6 for every step of `sigmas`; `reference` is s (model space). Returns x_N."""
@@ -238,7 +241,7 @@ def _flux_controlnet():
 
     with torch.inference_mode():
         model = ControlNetFlux(operations=comfy.ops.disable_weight_init, device=torch.device("cpu"),
-                               dtype=torch.float32, **tf.TINY)
+                               dtype=torch.float32, **tf.host_config(tf.TINY))
         model.load_state_dict(tf.random_weights(model, seed=40))
     return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"), extra_conds=["y", "guidance"])
 

@@ -119,7 +119,7 @@ def test_sd_and_unsupported_flux_variants_get_clear_errors(pack):
         ff.check_flux_model(sd.model)
     import comfy.supported_models as sm
 
-    config = sm.FluxInpaint(dict(tf.TINY, in_channels=96))
+    config = sm.FluxInpaint(tf.host_config(dict(tf.TINY, in_channels=96)))
     config.set_inference_dtype(torch.float32, None)
     with torch.inference_mode():
         fill = config.get_model({}, "", device=torch.device("cpu"))

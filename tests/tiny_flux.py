@@ -14,6 +14,21 @@ FLUX1 = dict(
     hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
     axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
 )
+# Fields newer hosts' FluxParams declare without a default, with the value ComfyUI's detection gives
+# FLUX.1 (v0.33: `txt_ids_dims` = [], comfy/model_detection.py); added only where the host declares them.
+FLUX1_NEWER_FIELDS = {"txt_ids_dims": []}
+
+
+def host_config(config: dict) -> dict:
+    """`config` plus the FLUX.1 values of the fields this host's FluxParams declares."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    declared = {field.name for field in dataclasses.fields(FluxParams)}
+    return dict(config, **{k: v for k, v in FLUX1_NEWER_FIELDS.items() if k in declared and k not in config})
+
+
 TINY = dict(
     FLUX1, vec_in_dim=24, context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=4,
     depth=2, depth_single_blocks=3, axes_dim=[4, 6, 6],
@@ -43,7 +58,7 @@ requires_flux_host = pytest.mark.skipif(HOST_REASON is not None, reason=HOST_REA
 def _config(kind: str):
     import comfy.supported_models as sm
 
-    config = dict(TINY, guidance_embed=(kind == "dev"))
+    config = host_config(dict(TINY, guidance_embed=(kind == "dev")))
     return sm.Flux(config) if kind == "dev" else sm.FluxSchnell(config)
 
 
@@ -65,12 +80,13 @@ def build(kind: str = "dev", dtype: torch.dtype = torch.float32, manual_cast: to
 
 
 def random_weights(diffusion_model: torch.nn.Module, seed: int = 0, scale: float = 0.08) -> dict:
-    """fp32 weights; RMS-norm scales near 1 so that attention is not flat."""
+    """fp32 weights; RMS-norm scales near 1 so that attention is not flat (named `.scale` up to v0.3.64,
+    `query_norm.weight` / `key_norm.weight` since ComfyUI's own RMSNorm op serves Flux)."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, value in diffusion_model.state_dict().items():
         noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
-        state[name] = 1.0 + 0.2 * noise if name.endswith(".scale") else noise * scale
+        state[name] = 1.0 + 0.2 * noise if name.endswith((".scale", "_norm.weight")) else noise * scale
     return state
 
 
@@ -81,7 +97,7 @@ def flux1_meta(kind: str = "dev"):
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
-    meta = Flux(device="meta", operations=comfy.ops.disable_weight_init, **dict(FLUX1, guidance_embed=(kind == "dev")))
+    meta = Flux(device="meta", operations=comfy.ops.disable_weight_init, **host_config(dict(FLUX1, guidance_embed=(kind == "dev"))))
     state = {"model.diffusion_model." + k: v for k, v in meta.state_dict().items()}
     config = comfy.model_detection.model_config_from_unet(state, "model.diffusion_model.")
     return config, meta
