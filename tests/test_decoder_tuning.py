@@ -305,8 +305,8 @@ def test_cancel_stops_training_and_leaves_everything_as_it_was(pack):
 
     def hook(value, total, preview=None, *args, **kwargs):
         seen.append((value, total))
-        if value == 2:
-            mm.interrupt_current_processing(True)  # the user presses Cancel during epoch 3
+        if len(seen) == 1:  # ComfyUI always sends a bar's first update (v0.33 throttles the ones after it)
+            mm.interrupt_current_processing(True)  # the user presses Cancel during the next epoch
 
     comfy.utils.set_progress_bar_global_hook(hook)
     node = pack.nodes.decoder.ADFineTuneVAEDecoder()
@@ -318,7 +318,7 @@ def test_cancel_stops_training_and_leaves_everything_as_it_was(pack):
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
-    assert seen[-1] == (2, 6), seen
+    assert seen == [(1, 6)], seen
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
     assert not mm.processing_interrupted()
     assert_same_state(vae, state)

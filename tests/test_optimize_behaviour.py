@@ -140,7 +140,7 @@ def test_progress_and_cancel(setup):
 
     def hook(value, total, preview=None, *args, **kwargs):
         seen.append((value, total))
-        if value == 2:
+        if len(seen) == 1:  # ComfyUI always sends a bar's first update (v0.33 throttles the ones after it)
             mm.interrupt_current_processing(True)
 
     comfy.utils.set_progress_bar_global_hook(hook)
@@ -150,7 +150,7 @@ def test_progress_and_cancel(setup):
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
-    assert seen[-1] == (2, 6), seen
+    assert seen == [(1, 6)], seen
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
     assert all(p.is_inference() for p in patcher.model.diffusion_model.parameters())
     fresh = optimize(patcher, ref, content, steps=3)
