@@ -4,7 +4,8 @@ weights, recorded once so that refactoring can prove every SD output unchanged.
     python tests/golden_sd.py          # record this host's outputs in tests/fixtures/golden_sd.safetensors
 
 Outputs are kept per host (the 2024 core and ComfyUI v0.3.64 differ at float32 rounding, which these
-chaotic runs amplify to ~1e-5); recording one host keeps the others' entries. Record only on code whose
+chaotic runs amplify to ~1e-5); recording one host keeps the others' entries. Another CPU rounds
+differently again, so the test compares each case within its measured float32 sensitivity. Record only on code whose
 outputs are known good; tests/test_golden_sd.py compares against the file.
 The SDXL cases use a reference of the output's size and no size keys on the conditioning, so the
 AD passes' size conditioning is the output's whichever way the pack derives it.
@@ -30,6 +31,20 @@ def _null(kind: str, seed: int) -> list:
     cond = tm.conditioning(kind, seed=seed)
     options = {k: v for k, v in cond[0][1].items() if k not in ("width", "height")}
     return [[cond[0][0], options]]
+
+
+def _model(kind: str, rounding: float, rounding_seed: int = 0):
+    """The case's tiny model; `rounding` > 0 moves every weight by that relative amount with a random sign
+    drawn from `rounding_seed`: float32 rounding noise throughout the network, as another CPU's kernels make it."""
+    import tiny_models as tm
+
+    model = tm.build(kind, seed=0)
+    if rounding:
+        generator = torch.Generator().manual_seed(rounding_seed)
+        for weight in model.model.diffusion_model.parameters():
+            signs = torch.randint(0, 2, weight.shape, generator=generator).to(weight.dtype) * 2 - 1
+            weight.mul_(1 + rounding * signs)
+    return model
 
 
 def _latent(seed: int, *shape: int) -> torch.Tensor:
@@ -70,10 +85,8 @@ def _windows(size_px: int, stride_px: int):
     return ADTextureWindows().windows(size_px, stride_px)[0]
 
 
-def sd15_cases() -> dict[str, torch.Tensor]:
-    import tiny_models as tm
-
-    model = tm.build("sd15", seed=0)
+def sd15_cases(rounding: float = 0.0, rounding_seed: int = 0) -> dict[str, torch.Tensor]:
+    model = _model("sd15", rounding, rounding_seed)
     null = _null("sd15", 9)
     ref = _capture(model, _latent(11, 1, 4, H, W), null)
     content = _latent(12, 1, 4, H, W)
@@ -95,10 +108,8 @@ def sd15_cases() -> dict[str, torch.Tensor]:
     }
 
 
-def sdxl_cases() -> dict[str, torch.Tensor]:
-    import tiny_models as tm
-
-    model = tm.build("sdxl", seed=0)
+def sdxl_cases(rounding: float = 0.0, rounding_seed: int = 0) -> dict[str, torch.Tensor]:
+    model = _model("sdxl", rounding, rounding_seed)
     ref = _capture(model, _latent(3, 1, 4, XL, XL), _null("sdxl", 9))
     empty = torch.zeros(1, 4, XL, XL)
     return {
@@ -108,7 +119,7 @@ def sdxl_cases() -> dict[str, torch.Tensor]:
     }
 
 
-CASES: dict[str, Callable[[], dict[str, torch.Tensor]]] = {"sd15": sd15_cases, "sdxl": sdxl_cases}
+CASES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"sd15": sd15_cases, "sdxl": sdxl_cases}
 
 
 def host_label() -> str:
@@ -123,10 +134,11 @@ def host_label() -> str:
         return f"notcomfy-{version('notcomfy')}"
 
 
-def compute(family: str) -> dict[str, torch.Tensor]:
-    """The outputs of one family's cases, computed under inference mode as in a prompt."""
+def compute(family: str, rounding: float = 0.0, rounding_seed: int = 0) -> dict[str, torch.Tensor]:
+    """The outputs of one family's cases, computed under inference mode as in a prompt (`rounding`: see
+    `_model`)."""
     with torch.inference_mode():
-        outputs = CASES[family]()
+        outputs = CASES[family](rounding, rounding_seed)
     return {name: t.detach().clone().contiguous().float() for name, t in outputs.items()}
 
 
