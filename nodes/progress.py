@@ -17,7 +17,7 @@ import torch
 
 # Share of a run's wall time that live previews may take: a preview is sent whenever the time spent
 # on previews so far is at most this share of the time elapsed, so previews come every few steps
-# (every step when they are cheap) and cost under 2% of the run on any hardware (README: Watching
+# (every step when they are cheap) and cost under 2% of the run on any hardware (docs/nodes.md: Watching
 # a run).
 PREVIEW_BUDGET = 0.01
 

@@ -1,4 +1,4 @@
-"""Node help pages (web/docs) and the README's Workflows section agree with the nodes and the files."""
+"""Node help pages (web/docs) and the README's Workflows and Nodes sections agree with the nodes and the files."""
 
 from __future__ import annotations
 
@@ -83,5 +83,5 @@ def test_readme_shows_every_workflow_and_its_picture():
             assert f"| `models/{folder}` | `{name}` |" in section, name
 
 
-def test_readme_node_help_section_names_the_pages():
-    assert "web/docs/" in _readme_section("Node help")
+def test_readme_nodes_section_names_the_help_pages():
+    assert "web/docs/" in _readme_section("Nodes")
