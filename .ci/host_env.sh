@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Create (or reuse) a full ComfyUI host for CI: ComfyUI's source unpacked from a tarball and a venv with
-# its requirements, both in a cache folder outside the repository.
+# its requirements, both in a cache folder (one per ComfyUI version) outside the repository.
 #
 #   bash .ci/host_env.sh CACHE TARBALL     # messages on stderr; stdout: COMFYUI_PATH, then the host's Python
 #
-# The requirements are ComfyUI's own requirements.txt except torch, torchvision and torchaudio: torch is
-# pinned to the CPU build the pack's venv uses (scripts/setup_env.sh), and torchvision/torchaudio do not
-# import beside it (the SD, SDXL and Flux paths do not need them); spandrel, which asks for torchvision,
-# is installed without dependencies. transformers < 5, as in scripts/setup_env.sh. A second run only
-# compares stamp files that record the tarball's checksum and what was installed.
+# The requirements are ComfyUI's own requirements.txt (for v0.33.0: comfy-kitchen and comfy-aimdo, which
+# install and import on CPU) except torch, torchvision and torchaudio: torch is pinned to the CPU build the
+# pack's venv uses (scripts/setup_env.sh). PyPI's torchvision/torchaudio are CUDA builds that do not import
+# beside it; ComfyUI imports them at module level only in model files the SD and DiT paths never call, so
+# tests/comfy_env.py stands in for them. (Installing v0.33.0's requirements unpinned instead pulls torch
+# 2.14.1 with CUDA libraries, about 7 GB, for no test it would add.) spandrel, which asks for torchvision, is
+# installed without dependencies. transformers < 5, as in scripts/setup_env.sh. A second run only compares
+# stamp files that record the tarball's checksum and what was installed.
 set -euo pipefail
 
 cache="$1"
@@ -86,7 +89,7 @@ PY
     say "ready: $venv ($((SECONDS - start)) s)"
 fi
 
-# ComfyUI's server and executor import with it (torchvision stubbed and the CPU chosen, as the tests boot
+# ComfyUI's server and executor import with it (torchvision/torchaudio stood in for and the CPU chosen, as the tests boot
 # ComfyUI in tests/comfy_env.py): check that before any test relies on it. utils.extra_config first, as
 # main.py imports it: nodes.py puts comfy/ first on sys.path, where comfy/utils.py would shadow it.
 check="import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import comfy_env; comfy_env.boot();

@@ -106,7 +106,8 @@ class Host:
         self.failed_extras = list(failed or [])
         self.loaded = _run(nodes.load_custom_node(str(wt.REPO)))
         self.server = ServerStub()
-        self.executor = execution.PromptExecutor(self.server)
+        # as main.py builds it with no cache flags and no RAM headroom (v0.33 reads cache_args on every prompt)
+        self.executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
 
     def _place_models(self) -> dict[str, Path]:
         import executor_models
