@@ -157,3 +157,28 @@ def test_input_model_untouched_and_cancel_leaves_nothing_behind(pack):
     assert "sampler_post_cfg_function" not in patcher.model_options
     assert all(p.is_inference() for p in patcher.model.diffusion_model.parameters())
     assert getattr(mm, "in_training", False) is False
+
+
+def test_a_zimage_controlnet_patch_steers_the_sampler_pass_only(pack):
+    """Z-Image's ControlNets are model patches (`double_block`, `noise_refiner`, as ComfyUI's Z-Image Fun
+    ControlNet sets them): they run in the sampler's own pass, once per step and layer, and never in an AD
+    pass; the input MODEL is unchanged."""
+    patcher = zl.pack_model()
+    before = sample(patcher, steps=3)
+    model, _ = guided(patcher)
+    calls = {"double_block": 0, "noise_refiner": 0}
+
+    def patch(kind: str):
+        def apply(args: dict) -> dict:
+            calls[kind] += 1
+            return {"img": args["img"] + 0.05}
+        return apply
+
+    controlled = model.clone()
+    controlled.set_model_double_block_patch(patch("double_block"))
+    controlled.set_model_noise_refiner_patch(patch("noise_refiner"))
+    steered = sample(controlled, steps=3)
+    assert calls == {"double_block": 3 * 3, "noise_refiner": 3 * 2}  # 3 sampler passes × 3 main / 2 refiner layers
+    assert torch.isfinite(steered).all()
+    assert float((steered - sample(model, steps=3)).abs().max()) > 1e-3
+    assert torch.equal(sample(patcher, steps=3), before)
