@@ -9,8 +9,9 @@ import torch
 from .family import ModelFamily, UnsupportedModelError
 from .flux_family import FLUX
 from .sd_family import SD_UNET
+from .zimage import ZIMAGE
 
-FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX)
+FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX, ZIMAGE)
 
 
 def family_for(diffusion_model: torch.nn.Module | None) -> ModelFamily | None:

@@ -119,7 +119,8 @@ class ADModelSession:
                 r, h, n, d = rec.k.shape
                 k = rec.k.transpose(0, 1).reshape(1, h, r * n, d).detach()
                 v = rec.v.transpose(0, 1).reshape(1, h, r * n, d).detach()
-                out.append(ReferenceKV(k=k, v=v, hw=rec.hw, text_tokens=rec.text_tokens))
+                before, after = rec.keys_around_grid()
+                out.append(ReferenceKV(k=k, v=v, hw=rec.hw, text_tokens=before, trailing_tokens=after))
             return out
 
         return self.reference.cache.get_or_compute(key, compute, self.device)
