@@ -70,7 +70,7 @@ class FluxFamily(ModelFamily):
 
     def feature_pass(self, patcher: Any, layers: Sequence[FluxAttentionLayer], stop_early: bool = True,
                      checkpoint: bool = False) -> FluxFeaturePass:
-        # The MODEL's own dit replaces and attention override run inside the pass (flux_blocks.py chains them).
+        # The MODEL's own options run inside the pass (flux_blocks.py chains them; docs/DESIGN.md §3).
         options = (getattr(patcher, "model_options", None) or {}).get("transformer_options")
         return FluxFeaturePass(patcher.model, list(layers), stop_early=stop_early, checkpoint=checkpoint,
                                transformer_options=options)
