@@ -8,7 +8,7 @@ are in the AD passes, and the reference pass and the optimized latent's pass com
   its checkpointed recomputation; a sampler-only patch (NAG, which needs the sampler's cond/uncond batch)
   leaves them as they are;
 - reference features cached under other options are not reused;
-- ScaleROPE before or after AD Loss Guidance gives the same run.
+- ScaleROPE before or after AD Loss Guidance gives the same run, and a re-run reuses the cached features.
 """
 
 from __future__ import annotations
@@ -175,24 +175,36 @@ def test_reference_features_cached_under_other_options_are_not_reused(pack, flux
         assert float((reused.k - plain.k).abs().max()) > 1e-3
 
 
-def test_scale_rope_before_or_after_the_guidance_gives_the_same_run(pack, flux, null):
-    import comfy.sample
+def _guided(model, reference):
     from attention_distillation_pack.nodes.guidance import ADLossGuidance
 
+    with torch.inference_mode():
+        return ADLossGuidance().patch(model, reference, 0.01, 2, True, 0.0, 1.0, 3)[0]
+
+
+def _sample(model) -> torch.Tensor:
+    import comfy.sample
+
+    noise = torch.randn(1, 16, 8, 6, generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, 2, 1.0, "euler", "simple", tf.null_conditioning(seed=5),
+                                   tf.null_conditioning(seed=6), torch.zeros_like(noise), seed=0, disable_pbar=True)
+
+
+def test_scale_rope_before_or_after_the_guidance_gives_the_same_run(pack, flux, null):
     reference = capture(flux, tf.latent(seed=21, height=6, width=8), null)
-
-    def guided(model):
-        with torch.inference_mode():
-            return ADLossGuidance().patch(model, reference, 0.01, 2, True, 0.0, 1.0, 3)[0]
-
-    def sample(model):
-        noise = torch.randn(1, 16, 8, 6, generator=torch.Generator().manual_seed(11))
-        with torch.inference_mode():
-            return comfy.sample.sample(model, noise, 2, 1.0, "euler", "simple", tf.null_conditioning(seed=5),
-                                       tf.null_conditioning(seed=6), torch.zeros_like(noise), seed=0,
-                                       disable_pbar=True)
-
-    before = sample(guided(_scale_rope(flux)))
-    after = sample(_scale_rope(guided(flux)))
+    before = _sample(_guided(_scale_rope(flux), reference))
+    after = _sample(_scale_rope(_guided(flux, reference)))
     assert torch.equal(before, after)
-    assert float((before - sample(_scale_rope(flux))).abs().max()) > 1e-3  # the guidance acted
+    assert float((before - _sample(_scale_rope(flux))).abs().max()) > 1e-3  # the guidance acted
+
+
+def test_a_rerun_under_the_same_options_reuses_the_cached_features(pack, flux, null):
+    reference = capture(flux, tf.latent(seed=21, height=6, width=8), null)
+    model = _scale_rope(_guided(flux, reference))
+    model.model_options["transformer_options"]["optimized_attention_override"] = scaling_override(0.7)
+    first = _sample(model)
+    misses = reference.cache.misses
+    assert misses > 0 and reference.cache.hits == 0
+    assert torch.equal(_sample(model), first)
+    assert reference.cache.misses == misses and reference.cache.hits == misses
