@@ -26,8 +26,9 @@ from .recorder import StopForward
 class FluxFeaturePass:
     """One AD forward of a Flux model, recording the selected blocks (see the module docstring).
 
-    `transformer_options` are the MODEL's own (`patcher.model_options["transformer_options"]`):
-    their dit replaces and attention override run inside the pass; they are never modified.
+    `transformer_options` are the MODEL's own (`patcher.model_options["transformer_options"]`): their
+    dit replaces, attn1 patches, `rope_options` and attention override run inside the pass, a kernel
+    choice excepted (attention/backends.py); they are never modified.
     """
 
     def __init__(

@@ -46,6 +46,7 @@ class ADModelSession:
             getattr(patcher, "patches_uuid", None),
             object_patch_identity(patcher),
             tuple(layer.patch_key for layer in self.layers),
+            self.family.pass_options_identity(patcher),
         )
         self._ref_latent: torch.Tensor | None = None
         self._cond_cache: dict[tuple, tuple[Any, tuple]] = {}  # key -> (conditioning, its identity)
