@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..family import backward_capable_kernel, compute_dtype
+from ..backends import ad_attention, backward_capable_kernel
+from ..family import compute_dtype
 from ..host_training import training_kernels
 from ..layer_spec import LayerSpecError
 from ..recompute import CheckpointedBlock
@@ -69,7 +70,7 @@ class PassState:
 
 
 class AttentionOverride:
-    """`optimized_attention_override` of one AD forward: SDPA, chained to the MODEL's own override;
+    """`optimized_attention_override` of one AD forward: SDPA under the MODEL's own override (attention/backends.py);
     on a selected main layer (`index`) it records the features and, after the last one, stops the pass."""
 
     def __init__(self, state: PassState, previous: Callable | None, index: int | None = None) -> None:
@@ -79,8 +80,7 @@ class AttentionOverride:
 
     def __call__(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
                  **kwargs: Any) -> torch.Tensor:
-        sdpa = backward_capable_kernel(func)
-        out = self.previous(sdpa, q, k, v, *args, **kwargs) if self.previous is not None else sdpa(q, k, v, *args, **kwargs)
+        out = ad_attention(self.previous, backward_capable_kernel(func), q, k, v, *args, **kwargs)
         if self.index is None or self.index not in self.state.selected:
             return out
         if not kwargs.get("skip_reshape", False):
