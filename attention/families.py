@@ -8,9 +8,10 @@ import torch
 
 from .family import ModelFamily, UnsupportedModelError
 from .flux_family import FLUX
+from .qwen_image import QWEN_IMAGE
 from .sd_family import SD_UNET
 
-FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX)
+FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX, QWEN_IMAGE)
 
 
 def family_for(diffusion_model: torch.nn.Module | None) -> ModelFamily | None:
