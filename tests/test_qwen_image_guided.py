@@ -21,9 +21,11 @@ LAST = 2  # paper default on the tiny model's 9 blocks: blocks 7, 8
 
 
 def _literal_model(patcher, edit: str | None):
-    """The same weights in a plain, non-inference model."""
+    """The same weights (LoRA merged where the pack's MODEL has one) in a plain, non-inference model."""
     with torch.inference_mode():
+        patcher.patch_model(device_to=torch.device("cpu"))
         weights = {k: v.clone().float() for k, v in patcher.model.diffusion_model.state_dict().items()}
+        patcher.unpatch_model(device_to=torch.device("cpu"))
     weights = {k: v.clone() for k, v in weights.items()}
     base = tq.build(edit, weights=weights).model
     for parameter in base.diffusion_model.parameters():
@@ -102,21 +104,35 @@ def expected(patcher, edit, steps, last_step, reference, edit_latent):
     return base.process_latent_out(base.model_sampling.inverse_noise_scaling(torch.tensor(sigmas[-1]), out))
 
 
-@pytest.mark.parametrize("edit", [None, "2511"], ids=["t2i", "edit-2511"])
-def test_one_guided_step_equals_the_literal_algorithm(pack, edit):
-    from attention_distillation_pack.nodes.guidance import ADLossGuidance
+def _pack_model(edit: str | None, lora: bool):
+    import comfy.sd
+    import tiny_models as tm
 
     with torch.inference_mode():
         patcher = tq.build(edit)
+        if lora:
+            patcher, _ = comfy.sd.load_lora_for_models(patcher, None, tm.lora_state_dict(patcher, match="blocks"), 1.0, 0.0)
+            assert len(patcher.patches) > 0
+    return patcher
+
+
+@pytest.mark.parametrize("edit,lora", [(None, False), ("2511", False), (None, True)], ids=["t2i", "edit-2511", "t2i-lora"])
+def test_one_guided_step_equals_the_literal_algorithm(pack, edit, lora):
+    """The guided MODEL is a clone: the input MODEL samples bit-identically afterwards."""
+    from attention_distillation_pack.nodes.guidance import ADLossGuidance
+
+    patcher = _pack_model(edit, lora)
     edit_latent = tq.latent(seed=41, height=6, width=6) if edit else None
     positive, negative, null = _conds(edit_latent)
     reference = tq.latent(seed=21, height=6, width=8)
     ref = capture(patcher, reference, null)
     with torch.inference_mode():
         (model,) = ADLossGuidance().patch(patcher, ref, LR, ITERATIONS, True, 0.0, 1.0, SEED)
+    plain_before = sample(patcher, 4, 1, positive, negative)
     ours = sample(model, 4, 1, positive, negative)
     literal = expected(patcher, edit, 4, 1, reference, edit_latent)
     plain = sample(patcher, 4, 1, positive, negative)
+    assert torch.equal(plain, plain_before)
     assert ours.shape == SHAPE
     assert float((literal - plain).abs().max()) > 1e-2, "AdaIN and Adam moved the step"
     torch.testing.assert_close(ours, literal, rtol=1e-4, atol=1e-5 * float(literal.abs().max()))

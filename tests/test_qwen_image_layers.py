@@ -71,3 +71,4 @@ def test_host_without_qwen_override_says_which_comfyui(pack, monkeypatch):
     monkeypatch.delattr(qwen_model, "apply_rope1")
     with pytest.raises(UnsupportedModelError, match="Qwen-Image needs ComfyUI v0.33.0 or newer"):
         family_of(patcher.model)
+

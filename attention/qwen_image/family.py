@@ -33,7 +33,7 @@ TILING_MESSAGE = (
 
 class QwenImageFamily(FlowMatchingFamily):
     name = "Qwen-Image"
-    supported = "a Qwen-Image (or Qwen-Image-Edit) model on ComfyUI v0.33.0 or newer"
+    supported = "a Qwen-Image or Qwen-Image-Edit model (ComfyUI v0.33.0 or newer)"
     seamless_tiling_error = TILING_MESSAGE
     adain_dims = ADAIN_DIMS
     latent_multiple = PATCH
