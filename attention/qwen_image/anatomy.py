@@ -28,6 +28,17 @@ HOST_MESSAGE = (
 TEXT_ENCODER_HINT = "encode it with Qwen-Image's text encoder (CLIPLoader type qwen_image)"
 
 
+class LatentSizeError(UnsupportedModelError):
+    """A latent this model cannot read whole (odd height or width: a token is a 2×2 patch); the nodes
+    report it, naming themselves, as they report a model AD cannot run on."""
+
+
+def check_latent_size(height: int, width: int) -> None:
+    if height % PATCH or width % PATCH:
+        raise LatentSizeError(f"a Qwen-Image latent needs even height and width (2x2 patches), got {height}x{width} "
+                              "latent pixels; use an image size that is a multiple of 16 pixels")
+
+
 def _qwen_module() -> Any | None:
     try:
         import comfy.ldm.qwen_image.model as qwen_model
@@ -149,6 +160,5 @@ def packed_view(latent: torch.Tensor) -> torch.Tensor:
     channel, patch row, patch column) is dims 1, 4, 6 and its tokens dims 2, 3, 5 (64 statistics)."""
     latent = as_model_latent(latent)
     batch, channels, frames, height, width = latent.shape
-    if height % PATCH or width % PATCH:
-        raise ValueError(f"a Qwen-Image latent needs even height and width, got {height}x{width}")
+    check_latent_size(height, width)
     return latent.reshape(batch, channels, frames, height // PATCH, PATCH, width // PATCH, PATCH)

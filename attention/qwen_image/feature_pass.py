@@ -13,7 +13,7 @@ from ..flux_blocks import FluxLayerRecord, FluxPassState
 from ..host_training import training_kernels
 from ..layer_spec import LayerSpecError
 from ..recorder import StopForward
-from .anatomy import BLOCK, PATCH, QwenImageAttentionLayer, as_model_latent, check_qwen_image_model
+from .anatomy import BLOCK, PATCH, QwenImageAttentionLayer, as_model_latent, check_latent_size, check_qwen_image_model
 from .blocks import wrapped_options
 
 
@@ -42,8 +42,7 @@ class QwenImageFeaturePass:
         `time`, with `cond` from `qwen_conditioning`."""
         x = as_model_latent(model_input)
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-        if height % PATCH or width % PATCH:
-            raise ValueError(f"a Qwen-Image latent needs even height and width, got {height}x{width}")
+        check_latent_size(height, width)
         device = x.device
 
         def batched(t: torch.Tensor) -> torch.Tensor:
