@@ -68,6 +68,8 @@ class ModelFamily(ABC):
     # AD Texture Windows' size and stride, in latent pixels, must be multiples of this: a DiT reads its
     # latent in patches (Flux: 2x2), so a window must cover whole patches.
     latent_multiple: int = 1
+    # Dims of the family's image LATENT: 4, (B, C, H, W); 5, (B, C, 1, H, W) (Qwen-Image's Wan21 latents).
+    latent_ndim: int = 4
 
     # -- anatomy ------------------------------------------------------------------------------------
     @abstractmethod
