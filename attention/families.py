@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from .family import ModelFamily, UnsupportedModelError
+from .flux2_family import FLUX2
 from .flux_family import FLUX
 from .sd_family import SD_UNET
 
-FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX)
+FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX, FLUX2)
 
 
 def family_for(diffusion_model: torch.nn.Module | None) -> ModelFamily | None:
