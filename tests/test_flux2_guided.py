@@ -82,8 +82,11 @@ def literal_run(base, x: torch.Tensor, sigmas: list[float], positive: list, null
 
 
 def _literal_model(kind: str, patcher):
+    """The same weights (a LoRA merged where the MODEL has one) in a plain, non-inference model."""
     with torch.inference_mode():
+        patcher.patch_model(device_to=torch.device("cpu"))
         weights = {k: v.clone().float() for k, v in patcher.model.diffusion_model.state_dict().items()}
+        patcher.unpatch_model(device_to=torch.device("cpu"))
     base = t2.build(kind, weights={k: v.clone() for k, v in weights.items()}).model
     for parameter in base.diffusion_model.parameters():
         parameter.requires_grad_(False)
