@@ -1,6 +1,7 @@
 """One AD forward of a ComfyUI Flux or Flux.2 model (docs/DESIGN.md §2.7, §2.8): the latent itself at the
-network time, null text, null pooled vector (FLUX.1), guidance 1.0 where embedded; `patches_replace["dit"]` wrappers (attention/flux_blocks.py)
-record the selected blocks and stop the forward after the last one."""
+network time, null text, null pooled vector (FLUX.1 only), guidance 1.0 where embedded;
+`patches_replace["dit"]` wrappers (attention/flux_blocks.py) record the selected blocks and stop the
+forward after the last one."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ class FluxFeaturePass:
             try:
                 self.diffusion_model(
                     model_input.to(self.dtype), torch.full((batch,), float(time), device=device), batched(context),
-                    y=batched(pooled) if pooled is not None else None, guidance=batched(guidance) if guidance is not None else None,
+                    y=batched(pooled) if pooled is not None else None,
+                    guidance=batched(guidance) if guidance is not None else None,
                     control=None, transformer_options=options,
                 )
             except StopForward:
