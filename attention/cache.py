@@ -16,19 +16,20 @@ DEFAULT_BUDGET_BYTES = 4 * 1024**3
 class ReferenceKV:
     """Reference keys/values of one layer, references concatenated along tokens: (1, H, R·N, d); each
     reference's N tokens are `text_tokens` text tokens (a DiT's joint text; none on the SD UNet), then its
-    `hw` image grid."""
+    `hw` image grid, then `trailing_tokens` (Z-Image's image pad tokens)."""
 
     k: torch.Tensor
     v: torch.Tensor
     hw: tuple[int, int]
     text_tokens: int = 0
+    trailing_tokens: int = 0
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
     def to(self, device: torch.device) -> ReferenceKV:
         return ReferenceKV(self.k.to(device, non_blocking=True), self.v.to(device, non_blocking=True), self.hw,
-                           self.text_tokens)
+                           self.text_tokens, self.trailing_tokens)
 
 
 def tensor_digest(t: torch.Tensor) -> str:

@@ -32,19 +32,6 @@ def compute_dtype(base_model: Any) -> torch.dtype:
     return manual if manual is not None else dtype
 
 
-def backward_capable_kernel(func):
-    """The attention function of AD passes: SDPA, which every backend can differentiate (sage/flash
-    kernels cannot); the host's own `func` should a ComfyUI version rename it."""
-    import comfy.ldm.modules.attention as attention
-
-    return getattr(attention, "attention_pytorch", None) or func
-
-
-def backward_capable_attention(func, *args, **kwargs):
-    """`optimized_attention_override` for AD passes: attention through `backward_capable_kernel`."""
-    return backward_capable_kernel(func)(*args, **kwargs)
-
-
 @shown_as_pack
 class UnsupportedModelError(ValueError):
     """The MODEL is not one any family of this pack can read."""
@@ -81,6 +68,8 @@ class ModelFamily(ABC):
     # AD Texture Windows' size and stride, in latent pixels, must be multiples of this: a DiT reads its
     # latent in patches (Flux: 2x2), so a window must cover whole patches.
     latent_multiple: int = 1
+    # Dims of the family's image LATENT: 4, (B, C, H, W); 5, (B, C, 1, H, W) (Qwen-Image's Wan21 latents).
+    latent_ndim: int = 4
 
     # -- anatomy ------------------------------------------------------------------------------------
     @abstractmethod
@@ -108,6 +97,11 @@ class ModelFamily(ABC):
                      checkpoint: bool = False) -> FeaturePass:
         """The pass recording `layers` on the MODEL `patcher` wraps (a family may run the MODEL's own
         patches inside it, or none); `checkpoint`: block-wise gradient checkpointing when differentiated."""
+
+    def pass_options_identity(self, patcher: Any) -> tuple:
+        """What of the MODEL's own options `feature_pass` runs, by identity: part of the feature cache keys,
+        so reference features are reused only under the options the latent's passes run (default: none)."""
+        return ()
 
     @abstractmethod
     def needs_inplace_guard(self, diffusion_model: torch.nn.Module) -> bool:

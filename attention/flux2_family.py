@@ -1,4 +1,4 @@
-"""The Flux.2 family (FLUX.2-dev, FLUX.2 [klein]: ComfyUI v0.33's `model_base.Flux2`), docs/DESIGN.md §2.8.
+"""The Flux.2 family (FLUX.2-dev, FLUX.2 [klein]: ComfyUI v0.33's `model_base.Flux2`), docs/DESIGN.md §2.10.
 
 Flux.2 runs FLUX.1's network class (`comfy.ldm.flux.model.Flux`) with global modulation, patch size 1
 and 128 latent channels, so the FLUX.1 family's layer walk, block wrappers and AD pass serve it

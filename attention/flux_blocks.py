@@ -3,11 +3,12 @@
 A wrapper sits on every Flux block up to the last selected one, for one AD forward only
 (in a private copy of the transformer options). It
 
-- gives its block its own `optimized_attention_override`: on a selected block a recorder of
-  q, k, v (what reaches attention: after the q/k RMS norm and RoPE, text tokens first) and of
-  the attention output before the output projection; on the others plain SDPA, which every
-  backend can differentiate (sage/flash kernels cannot). An override already present is
-  called with SDPA as its attention function, so it keeps running;
+- gives its block its own `optimized_attention_override`: attention through SDPA, which every
+  backend can differentiate (sage/flash/INT8 kernels cannot), under the MODEL's own override
+  (attention/backends.py: a kernel choice such as ModelAttentionBackend's is left out, any other
+  override runs with SDPA as its attention function); on a selected block the SDPA call records
+  q, k, v as they reach the kernel (after the q/k RMS norm, RoPE and any patch or override
+  before it; text tokens first) and its output, before the output projection;
 - calls a dit replace patch already registered for the block instead of the bare block;
 - guards the block's residual stream: ComfyUI's Flux blocks add residuals in place
   (`x += …` in single blocks, `txt += …` in double blocks) after autograd saved them;
@@ -17,13 +18,14 @@ A wrapper sits on every Flux block up to the last selected one, for one AD forwa
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .family import backward_capable_kernel
+from .backends import ad_attention, backward_capable_kernel
 from .recompute import CheckpointedBlock
 from .recorder import LayerRecord, StopForward, split_heads
 
@@ -73,38 +75,38 @@ class FluxPassState:
             self.records = main
 
 
-def _sdpa(previous: Callable | None, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-    sdpa = backward_capable_kernel(func)
-    if previous is not None:
-        return previous(sdpa, *args, **kwargs)
-    return sdpa(*args, **kwargs)
-
-
-class ForcedSDPA:
-    """`optimized_attention_override` of a block that is not recorded: SDPA, chained."""
-
-    def __init__(self, previous: Callable | None) -> None:
-        self.previous = previous
-
-    def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _sdpa(self.previous, func, *args, **kwargs)
-
-
-class RecordingOverride:
-    """`optimized_attention_override` of a selected block: records q/k/v/out, stops the
-    forward after the last selected block."""
+class ADAttention:
+    """`optimized_attention_override` of one block in one AD forward (see the module docstring);
+    after the last selected block it stops the forward."""
 
     def __init__(self, state: FluxPassState, key: BlockKey, previous: Callable | None) -> None:
         self.state = state
         self.key = key
         self.previous = previous
+        self.recorded = key in state.selected
 
-    def __call__(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
+    def _recording(self, kernel: Callable) -> Callable:
+        """`kernel`, recording what one call of it sees and returns."""
+        calls = []
+
+        def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if calls:
+                raise RuntimeError(f"Flux block {self.key} ran attention twice in one forward; AD reads one call")
+            calls.append(True)
+            out = kernel(q, k, v, *args, **kwargs)
+            self.state.record(self.key, q, k, v, out)
+            return out
+
+        functools.update_wrapper(record, kernel)
+        return record
+
+    def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kernel = backward_capable_kernel(func)
+        if not self.recorded:
+            return ad_attention(self.previous, kernel, *args, **kwargs)
         if not kwargs.get("skip_reshape", False):
             raise RuntimeError("this ComfyUI's Flux attention does not pass split heads; Flux AD cannot read it")
-        out = _sdpa(self.previous, func, q, k, v, *args, **kwargs)
-        self.state.record(self.key, q, k, v, out)
+        out = ad_attention(self.previous, self._recording(kernel), *args, **kwargs)
         if self.state.stop_early and self.key == self.state.last_key:
             raise StopForward
         return out
@@ -170,11 +172,8 @@ class FluxBlockWrapper:
 
     def __call__(self, args: dict, extra: dict) -> dict:
         options = dict(args.get("transformer_options") or {})
-        prior = options.get("optimized_attention_override")
-        if self.key in self.state.selected:
-            options["optimized_attention_override"] = RecordingOverride(self.state, self.key, prior)
-        else:
-            options["optimized_attention_override"] = ForcedSDPA(prior)
+        options["optimized_attention_override"] = ADAttention(
+            self.state, self.key, options.get("optimized_attention_override"))
         args = dict(args, transformer_options=options)
         names = ("img", "txt") if "txt" in args else ("img",)
         hidden = [args[name] for name in names]

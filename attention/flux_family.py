@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .backends import options_identity
 from .family import ModelFamily
 from .flux_model import (
     ADAIN_DIMS,
@@ -70,10 +71,15 @@ class FluxFamily(ModelFamily):
 
     def feature_pass(self, patcher: Any, layers: Sequence[FluxAttentionLayer], stop_early: bool = True,
                      checkpoint: bool = False) -> FluxFeaturePass:
-        # The MODEL's own dit replaces and attention override run inside the pass (flux_blocks.py chains them).
+        # The MODEL's own options run inside the pass (flux_blocks.py chains them; docs/DESIGN.md §3).
         options = (getattr(patcher, "model_options", None) or {}).get("transformer_options")
         return FluxFeaturePass(patcher.model, list(layers), stop_early=stop_early, checkpoint=checkpoint,
                                transformer_options=options)
+
+    def pass_options_identity(self, patcher: Any) -> tuple:
+        # rope_options, attn1 patches, dit replaces and overrides all shape the features (docs/DESIGN.md §3)
+        options = (getattr(patcher, "model_options", None) or {}).get("transformer_options") or {}
+        return ("transformer_options", options_identity(options))
 
     def needs_inplace_guard(self, diffusion_model: torch.nn.Module) -> bool:
         return False  # the pass guards the residual stream of each block itself (flux_blocks.residual_guard)

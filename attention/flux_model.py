@@ -80,7 +80,7 @@ LONGCAT_MESSAGE = (
 
 def refuse_longcat(base_model: Any) -> None:
     """LongCat-Image (`model_base.LongCatImage`, ComfyUI v0.33) is refused by name: an AD pass calling the
-    network directly would read its image at the wrong RoPE positions (docs/DESIGN.md §2.8)."""
+    network directly would read its image at the wrong RoPE positions (docs/DESIGN.md §2.10)."""
     import comfy.model_base
 
     longcat = getattr(comfy.model_base, "LongCatImage", None)

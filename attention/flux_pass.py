@@ -1,4 +1,4 @@
-"""One AD forward of a ComfyUI Flux or Flux.2 model (docs/DESIGN.md §2.7, §2.8): the latent itself at the
+"""One AD forward of a ComfyUI Flux or Flux.2 model (docs/DESIGN.md §2.7, §2.10): the latent itself at the
 network time, null text, null pooled vector (FLUX.1 only), guidance 1.0 where embedded;
 `patches_replace["dit"]` wrappers (attention/flux_blocks.py) record the selected blocks and stop the
 forward after the last one."""
@@ -27,8 +27,9 @@ from .recorder import StopForward
 class FluxFeaturePass:
     """One AD forward of a Flux model, recording the selected blocks (see the module docstring).
 
-    `transformer_options` are the MODEL's own (`patcher.model_options["transformer_options"]`):
-    their dit replaces and attention override run inside the pass; they are never modified.
+    `transformer_options` are the MODEL's own (`patcher.model_options["transformer_options"]`): their
+    dit replaces, attn1 patches, `rope_options` and attention override run inside the pass, a kernel
+    choice excepted (attention/backends.py); they are never modified.
     """
 
     def __init__(

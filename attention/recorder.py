@@ -30,10 +30,18 @@ class LayerRecord:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     text_tokens: int = 0
+    # Tokens of k and v before and after the image grid where they differ from the query rows'
+    # (`text_tokens`, 0): Z-Image keeps its pad tokens among the keys but not among the query rows
+    # (docs/DESIGN.md §2.8).
+    key_layout: tuple[int, int] | None = None
 
     def image_part(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The image tokens' rows of a (B, heads, N, d) feature of this layer."""
+        """The image tokens' rows of a (B, heads, N, d) query or output of this layer."""
         return tensor[:, :, self.text_tokens :] if self.text_tokens else tensor
+
+    def keys_around_grid(self) -> tuple[int, int]:
+        """(tokens before, tokens after) the image grid among this layer's keys and values."""
+        return self.key_layout if self.key_layout is not None else (self.text_tokens, 0)
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

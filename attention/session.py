@@ -46,6 +46,7 @@ class ADModelSession:
             getattr(patcher, "patches_uuid", None),
             object_patch_identity(patcher),
             tuple(layer.patch_key for layer in self.layers),
+            self.family.pass_options_identity(patcher),
         )
         self._ref_latent: torch.Tensor | None = None
         self._cond_cache: dict[tuple, tuple[Any, tuple]] = {}  # key -> (conditioning, its identity)
@@ -119,7 +120,8 @@ class ADModelSession:
                 r, h, n, d = rec.k.shape
                 k = rec.k.transpose(0, 1).reshape(1, h, r * n, d).detach()
                 v = rec.v.transpose(0, 1).reshape(1, h, r * n, d).detach()
-                out.append(ReferenceKV(k=k, v=v, hw=rec.hw, text_tokens=rec.text_tokens))
+                before, after = rec.keys_around_grid()
+                out.append(ReferenceKV(k=k, v=v, hw=rec.hw, text_tokens=before, trailing_tokens=after))
             return out
 
         return self.reference.cache.get_or_compute(key, compute, self.device)

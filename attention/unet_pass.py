@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .checkpointing import checkpointed_forward
-from .family import PIXELS_PER_LATENT, UnsupportedModelError, backward_capable_attention, compute_dtype
+from .backends import backward_capable_attention
+from .family import PIXELS_PER_LATENT, UnsupportedModelError, compute_dtype
 from .host_training import training_kernels
 from .recorder import AttentionRecorder, LayerRecord, StopForward
 from .sd_unet import SelfAttentionLayer

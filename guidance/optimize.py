@@ -45,7 +45,7 @@ class RegionMasks:
     """Boolean attention masks per layer from reference labels (R, H, W) and target labels
     (B or 1, H, W), built once per (reference grid, target grid). On a model with joint text tokens
     (Flux) the regions are the image tokens': a text query attends to every reference token, an image
-    query only to the reference's image tokens of its label."""
+    query only to the reference's image tokens of its label (never to text or Z-Image's pad tokens)."""
 
     def __init__(self, reference_labels: torch.Tensor, target_labels: torch.Tensor) -> None:
         self.reference_labels = reference_labels
@@ -56,9 +56,10 @@ class RegionMasks:
         masks: list[torch.Tensor | None] = []
         for ref, rec in zip(refs, records, strict=True):
             batch = rec.q.shape[0]
-            key = (ref.hw, rec.hw, batch, ref.k.device, ref.text_tokens, rec.text_tokens)
+            key = (ref.hw, rec.hw, batch, ref.k.device, ref.text_tokens, ref.trailing_tokens, rec.text_tokens)
             if key not in self._built:
-                ref_tokens = _with_text(labels_at(self.reference_labels.to(ref.k.device), ref.hw), ref.text_tokens)
+                ref_tokens = _with_text(labels_at(self.reference_labels.to(ref.k.device), ref.hw), ref.text_tokens,
+                                        ref.trailing_tokens)
                 tgt_tokens = _with_text(labels_at(self.target_labels.to(ref.k.device), rec.hw), rec.text_tokens)
                 if tgt_tokens.shape[0] != batch:
                     tgt_tokens = tgt_tokens[:1].expand(batch, -1)
@@ -73,11 +74,14 @@ class RegionMasks:
 _TEXT_LABEL = -1  # never a region label (labels_from_mask gives 0..255)
 
 
-def _with_text(labels: torch.Tensor, text_tokens: int) -> torch.Tensor:
-    """(B, h·w) image-token labels with `text_tokens` text tokens first, labelled as no region."""
-    if not text_tokens:
+def _with_text(labels: torch.Tensor, text_tokens: int, trailing_tokens: int = 0) -> torch.Tensor:
+    """(B, h·w) image-token labels with `text_tokens` text tokens first and `trailing_tokens` (Z-Image's
+    image pads) last, both labelled as no region."""
+    if not text_tokens and not trailing_tokens:
         return labels
-    return torch.cat([labels.new_full((labels.shape[0], text_tokens), _TEXT_LABEL), labels], dim=1)
+    batch = labels.shape[0]
+    return torch.cat([labels.new_full((batch, text_tokens), _TEXT_LABEL), labels,
+                      labels.new_full((batch, trailing_tokens), _TEXT_LABEL)], dim=1)
 
 
 def region_masks(session: ADModelSession, target_labels: torch.Tensor | None) -> RegionMasks | None:

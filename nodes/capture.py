@@ -75,7 +75,7 @@ class CaptureReferenceAttention:
         with reported_as(NODE):
             base = model.model
             family = family_of(base)
-            samples = latent_samples(NODE, reference, "reference", family.latent_channels(base))
+            samples = latent_samples(NODE, reference, "reference", family.latent_channels(base), family.latent_ndim)
             select_layers(base.diffusion_model, layers)
             require(isinstance(null_conditioning, list) and len(null_conditioning) > 0, NODE,
                     "'null_conditioning' is empty; connect CLIPTextEncode with empty text")

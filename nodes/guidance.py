@@ -209,7 +209,7 @@ class ADLossGuidance:
             content_weight = finite_number(NODE, content_weight, "content_weight", minimum=0.0)
             content_samples = None
             if content is not None:
-                content_samples = latent_samples(NODE, content, "content", channels).detach().clone()
+                content_samples = latent_samples(NODE, content, "content", channels, family.latent_ndim).detach().clone()
             require(
                 gradient_checkpointing in CHECKPOINTING_CHOICES,
                 NODE,

@@ -11,11 +11,18 @@ from ..attention.naming import counted, one_or
 from .errors import ADNodeError, require
 
 
-def latent_samples(node: str, latent: dict, name: str, channels: int) -> torch.Tensor:
-    """The samples of a LATENT, checked against the model's latent channels."""
+def latent_samples(node: str, latent: dict, name: str, channels: int, ndim: int = 4) -> torch.Tensor:
+    """The samples of a LATENT, checked against the model's latent channels. `ndim` 5: a model whose
+    image latents carry a frame axis, (B, C, 1, H, W) (Qwen-Image); a 4-D one gets it, as ComfyUI's
+    sampler gives it to an empty latent."""
     require(isinstance(latent, dict) and "samples" in latent, node, f"'{name}' is not a LATENT")
     samples = latent["samples"]
-    require(samples.ndim == 4, node, f"'{name}' must be an image latent (B, C, H, W), got shape {tuple(samples.shape)}")
+    if ndim == 5:
+        samples = samples.unsqueeze(2) if samples.ndim == 4 else samples
+        require(samples.ndim == 5 and samples.shape[2] == 1, node,
+                f"'{name}' must be an image latent (B, C, 1, H, W), got shape {tuple(samples.shape)}")
+    else:
+        require(samples.ndim == 4, node, f"'{name}' must be an image latent (B, C, H, W), got shape {tuple(samples.shape)}")
     require(samples.shape[0] > 0, node, f"'{name}' holds no latent (batch of zero)")
     require(
         samples.shape[1] == channels,

@@ -101,13 +101,13 @@ class LatentADOptimize:
             family = family_of(base)
             check_reference_fits(NODE, reference, base, family)
             channels = family.latent_channels(base)
-            samples = latent_samples(NODE, latent, "latent", channels)
+            samples = latent_samples(NODE, latent, "latent", channels, family.latent_ndim)
             steps = whole_number(NODE, steps, "steps", 1, 1000)
             iterations = whole_number(NODE, iterations, "iterations", 0, 1000)
             lr = finite_number(NODE, lr, "lr", minimum=0.0)
             content_weight = finite_number(NODE, content_weight, "content_weight", minimum=0.0)
             seed = whole_number(NODE, seed, "seed", 0, MAX_SEED)
-            content_samples = latent_samples(NODE, content, "content", channels) if content is not None else None
+            content_samples = latent_samples(NODE, content, "content", channels, family.latent_ndim) if content is not None else None
             labels = None
             if target_mask is not None:
                 require(reference.labels is not None, NODE,

@@ -139,12 +139,7 @@ class Host:
 
     def live_object_info(self, name: str) -> dict:
         """/object_info of a node type, as ComfyUI's server computes it (server.py node_info)."""
-        cls = self.nodes.NODE_CLASS_MAPPINGS[name]
-        if hasattr(cls, "GET_NODE_INFO_V1"):
-            return cls.GET_NODE_INFO_V1()
-        entry = wt.object_info_entry(name, cls, self.nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name))
-        entry["output_node"] = bool(getattr(cls, "OUTPUT_NODE", False))
-        return entry
+        return wt.live_object_info(self.nodes, name)
 
     def run(self, prompt: dict) -> tuple[bool, dict, list]:
         prompt_id = str(uuid.uuid4())
@@ -216,7 +211,11 @@ def test_core_fixture_matches_the_running_comfyui(host):
     for name in CORE_TYPES:
         assert name in host.nodes.NODE_CLASS_MAPPINGS, f"{name} is not a node of this ComfyUI"
     live = trim(json.loads(json.dumps({name: host.live_object_info(name) for name in CORE_TYPES})))
-    fixture = wt.load_json(wt.CORE_OBJECT_INFO)
+    import comfyui_version
+
+    version = comfyui_version.__version__
+    assert version in wt.HOST_OBJECT_INFO, f"no core schema fixture for ComfyUI {version}: tests/fixtures/make_object_info.py"
+    fixture = wt.load_json(wt.HOST_OBJECT_INFO[version])
     for name in CORE_TYPES:
         a, b = live[name], copy.deepcopy(fixture[name])
         for entry in (a, b):  # file lists depend on the folders; the rest must agree

@@ -1,4 +1,4 @@
-"""Flux.2 in ordinary graphs: a LoRA through ComfyUI's loader composes (one guided step equals §2.8 on the
+"""Flux.2 in ordinary graphs: a LoRA through ComfyUI's loader composes (one guided step equals §2.10 on the
 merged weights), the input MODEL samples bit-identically afterwards, Cancel leaves nothing behind, a FLUX.1
 reference on a Flux.2 MODEL gets an error naming the node, several references pool their 512 + H·W tokens,
 region masks, seeded texture synthesis lowers the AD loss, and Seamless Tiling is refused clearly."""

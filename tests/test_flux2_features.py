@@ -2,7 +2,7 @@
 null text left-padded with zeros to 512 tokens, guidance 1.0 where embedded and nothing of the null
 CONDITIONING's extras (mask, guidance, reference latents); gradients with respect to the latent through
 ComfyUI v0.33's Flux.2 inside inference mode (plain and block-checkpointed) equal central finite
-differences in float64 (docs/DESIGN.md §2.8)."""
+differences in float64 (docs/DESIGN.md §2.10)."""
 
 from __future__ import annotations
 

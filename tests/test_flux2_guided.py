@@ -1,5 +1,5 @@
 """AD Loss Guidance and Latent AD Optimize on Flux.2 (dev-like and Klein-like tiny models through ComfyUI
-v0.33's own classes) equal docs/DESIGN.md §2.8 written here from direct model calls: the sampler's pass
+v0.33's own classes) equal docs/DESIGN.md §2.10 written here from direct model calls: the sampler's pass
 (prompt left-padded to 512 tokens, its guidance, its reference latents) and Euler step, the reference
 noised to σ' with fresh noise, AD passes with the null text left-padded with zeros to 512 tokens, guidance
 1.0 where embedded and no reference latents, AdaIN with one statistic per latent channel, a fresh Adam on
@@ -24,7 +24,7 @@ CALLS = (0, 3, 4)
 
 
 def _padded(context: torch.Tensor, batch: int) -> torch.Tensor:
-    """§2.8's null text: left-padded with zeros to 512 tokens."""
+    """§2.10's null text: left-padded with zeros to 512 tokens."""
     zeros = torch.zeros(1, 512 - context.shape[1], context.shape[2], dtype=context.dtype)
     return torch.cat([zeros, context], dim=1).expand(batch, -1, -1)
 

@@ -1,5 +1,5 @@
 """Flux.2 is its own family: the layer walk and counting on the real architectures (double, then single
-blocks, as FLUX.1), "paper default" = the last ⌈7·N/57⌉ layers (docs/DESIGN.md §2.8), LongCat-Image
+blocks, as FLUX.1), "paper default" = the last ⌈7·N/57⌉ layers (docs/DESIGN.md §2.10), LongCat-Image
 refused by name, and clear errors on ComfyUI without Flux.2 or with another text encoder's conditioning."""
 
 from __future__ import annotations

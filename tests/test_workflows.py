@@ -100,6 +100,20 @@ def test_ui_workflow_is_sound(name, defs):
     assert wt.check_workflow(workflow, defs) == []
 
 
+@pytest.mark.parametrize("version", sorted(wt.HOST_OBJECT_INFO))
+def test_every_workflow_is_sound_and_converts_alike_on_every_host(pack, version, defs):
+    """The files are built from v0.3.64's schemas and run in both executors: v0.33.0's schemas (new categories,
+    options as dicts) must read every widget the same way, and nothing may differ but the IMAGE output v0.33.0
+    gives SaveImage and PreviewImage, which the frontend adds on load and nothing links to."""
+    host_defs = wt.all_node_defs(pack, wt.HOST_OBJECT_INFO[version])
+    assert sorted(n for n in host_defs if host_defs[n].origin != "pack") == sorted(CORE_TYPES)
+    added_outputs = {f"node {n['id']} ({n['type']}): outputs [] differ from the node's ['IMAGE']"
+                     for name in NAMES for n in _ui(name)["nodes"] if n["type"] in ("SaveImage", "PreviewImage")}
+    for name in NAMES:
+        assert set(wt.check_workflow(_ui(name), host_defs)) <= added_outputs, (version, name)
+        assert wt.ui_to_api(_ui(name), host_defs) == wt.ui_to_api(_ui(name), defs), (version, name)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_only_core_and_pack_nodes_and_a_note(name, defs):
     workflow = _ui(name)

@@ -1,7 +1,7 @@
 """Flux.2-shaped models through ComfyUI v0.33's own classes: tiny random-weight dev-like (guidance
 embedding) and Klein-like (none) models with the fields ComfyUI's detection sets for Flux.2
 (comfy/model_detection.py, its flux2 branch), loaded as the executor loads them, and meta-device
-configs of the real architectures for the layer walk (docs/DESIGN.md §2.8)."""
+configs of the real architectures for the layer walk (docs/DESIGN.md §2.10)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 API_WORKFLOWS = WORKFLOWS / "api"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-CORE_OBJECT_INFO = FIXTURES / "object_info_core_v0.3.64.json"
+CORE_OBJECT_INFO = FIXTURES / "object_info_core_v0.3.64.json"  # what the workflows are built from
+# The core node schemas of every ComfyUI whose executor runs the shipped workflows, by version: the files
+# must be sound against each (tests/fixtures/make_object_info.py writes them).
+HOST_OBJECT_INFO = {"0.3.64": CORE_OBJECT_INFO, "0.33.0": FIXTURES / "object_info_core_v0.33.0.json"}
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -177,6 +180,16 @@ def object_info_entry(name: str, cls: type, display_name: str | None) -> dict:
     }
 
 
+def live_object_info(nodes_module: Any, name: str) -> dict:
+    """/object_info of a node type of a running ComfyUI, as its server computes it (server.py node_info)."""
+    cls = nodes_module.NODE_CLASS_MAPPINGS[name]
+    if hasattr(cls, "GET_NODE_INFO_V1"):
+        return cls.GET_NODE_INFO_V1()
+    entry = object_info_entry(name, cls, nodes_module.NODE_DISPLAY_NAME_MAPPINGS.get(name))
+    entry["output_node"] = bool(getattr(cls, "OUTPUT_NODE", False))
+    return entry
+
+
 def pack_node_defs(pack) -> dict[str, NodeDef]:
     names = pack.NODE_DISPLAY_NAME_MAPPINGS
     return {
@@ -190,8 +203,8 @@ def core_node_defs(path: Path = CORE_OBJECT_INFO) -> dict[str, NodeDef]:
     return {name: node_def_from_info(entry) for name, entry in info.items()}
 
 
-def all_node_defs(pack) -> dict[str, NodeDef]:
-    core = core_node_defs()
+def all_node_defs(pack, core_path: Path = CORE_OBJECT_INFO) -> dict[str, NodeDef]:
+    core = core_node_defs(core_path)
     own = pack_node_defs(pack)
     clash = set(core) & set(own)
     if clash:
