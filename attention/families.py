@@ -7,12 +7,13 @@ from typing import Any
 import torch
 
 from .family import ModelFamily, UnsupportedModelError
+from .flux2_family import FLUX2
 from .flux_family import FLUX
 from .qwen_image import QWEN_IMAGE
 from .sd_family import SD_UNET
 from .zimage import ZIMAGE
 
-FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX, ZIMAGE, QWEN_IMAGE)
+FAMILIES: tuple[ModelFamily, ...] = (SD_UNET, FLUX, FLUX2, ZIMAGE, QWEN_IMAGE)
 
 
 def family_for(diffusion_model: torch.nn.Module | None) -> ModelFamily | None:

@@ -27,6 +27,7 @@ from .flux_model import (
     flow_noised,
     flux_conditioning,
     flux_conditioning_mismatch,
+    has_global_modulation,
     host_supports_flux,
     is_flux,
     list_flux_attention_layers,
@@ -57,7 +58,7 @@ class FluxFamily(ModelFamily):
     adain_shares_reference_noise = True
 
     def accepts(self, diffusion_model: torch.nn.Module) -> bool:
-        return is_flux(diffusion_model)
+        return is_flux(diffusion_model) and not has_global_modulation(diffusion_model)  # Flux.2: flux2_family.py
 
     def check(self, base_model: Any) -> None:
         check_flux_model(base_model)

@@ -58,6 +58,7 @@ def host_supports_flux() -> bool:
 
 
 def is_flux(diffusion_model: Any) -> bool:
+    """A network of ComfyUI's `comfy.ldm.flux.model.Flux` class (FLUX.1, Flux.2, LongCat-Image, ...)."""
     try:
         from comfy.ldm.flux.model import Flux
     except ImportError:
@@ -65,10 +66,33 @@ def is_flux(diffusion_model: Any) -> bool:
     return isinstance(diffusion_model, Flux)
 
 
+def has_global_modulation(diffusion_model: Any) -> bool:
+    """Flux.2's network: one modulation per forward for all blocks (`params.global_modulation`, set by
+    ComfyUI's detection for Flux.2 only); FLUX.1's blocks modulate themselves."""
+    return is_flux(diffusion_model) and bool(getattr(diffusion_model.params, "global_modulation", False))
+
+
+LONGCAT_MESSAGE = (
+    "LongCat-Image is not supported: it shares Flux's network but shifts its image positions by the text "
+    "length and uses its own text encoder and null text, which Attention Distillation does not reproduce"
+)
+
+
+def refuse_longcat(base_model: Any) -> None:
+    """LongCat-Image (`model_base.LongCatImage`, ComfyUI v0.33) is refused by name: an AD pass calling the
+    network directly would read its image at the wrong RoPE positions (docs/DESIGN.md §2.10)."""
+    import comfy.model_base
+
+    longcat = getattr(comfy.model_base, "LongCatImage", None)
+    if longcat is not None and isinstance(base_model, longcat):
+        raise UnsupportedModelError(LONGCAT_MESSAGE)
+
+
 def check_flux_model(base_model: Any) -> None:
     """Raise `UnsupportedModelError` unless AD can run on this Flux MODEL in this ComfyUI."""
     if not host_supports_flux():
         raise UnsupportedModelError(HOST_MESSAGE)
+    refuse_longcat(base_model)
     diffusion_model = getattr(base_model, "diffusion_model", None)
     if not is_flux(diffusion_model):
         raise UnsupportedModelError(f"the MODEL is {type(base_model).__name__}, not a Flux model")

@@ -1,6 +1,7 @@
-"""One AD forward of a ComfyUI Flux model (docs/DESIGN.md §2.7): the latent itself at the network time,
-null text, null pooled vector, guidance 1.0; `patches_replace["dit"]` wrappers (attention/flux_blocks.py)
-record the selected blocks and stop the forward after the last one."""
+"""One AD forward of a ComfyUI Flux or Flux.2 model (docs/DESIGN.md §2.7, §2.10): the latent itself at the
+network time, null text, null pooled vector (FLUX.1 only), guidance 1.0 where embedded;
+`patches_replace["dit"]` wrappers (attention/flux_blocks.py) record the selected blocks and stop the
+forward after the last one."""
 
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ class FluxFeaturePass:
         self.wrapped_blocks = {layer.patch_key: modules[layer.kind][layer.number] for layer in every[: last + 1]}
 
     def run(self, model_input: torch.Tensor, time: float, cond: dict[str, torch.Tensor]) -> list[FluxLayerRecord]:
-        """Features of the selected blocks for `model_input` (B, 16, H, W; the latent itself) at
-        network `time` (`feature_time`), with `cond` from `flux_conditioning`."""
+        """Features of the selected blocks for `model_input` (B, C, H, W; the latent itself) at
+        network `time` (`feature_time`), with `cond` from `flux_conditioning` (FLUX.1) or
+        `flux2_conditioning` (Flux.2: no pooled `y`)."""
         batch, _, height, width = model_input.shape
         patch = int(self.diffusion_model.patch_size)
         context = cond["context"]
@@ -75,12 +77,13 @@ class FluxFeaturePass:
             t = t.to(device, self.dtype)
             return t if t.shape[0] == batch else t[:1].expand(batch, *t.shape[1:])
 
-        guidance = cond.get("guidance")
+        guidance, pooled = cond.get("guidance"), cond.get("y")
         with training_kernels():
             try:
                 self.diffusion_model(
                     model_input.to(self.dtype), torch.full((batch,), float(time), device=device), batched(context),
-                    y=batched(cond["y"]), guidance=batched(guidance) if guidance is not None else None,
+                    y=batched(pooled) if pooled is not None else None,
+                    guidance=batched(guidance) if guidance is not None else None,
                     control=None, transformer_options=options,
                 )
             except StopForward:

@@ -33,7 +33,8 @@ class CaptureReferenceAttention:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x, SDXL or Flux (FLUX.1-dev/-schnell, ComfyUI v0.3.64+) model, after LoRA if you use one."}),
+                "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x, SDXL, Flux (FLUX.1-dev/-schnell, ComfyUI v0.3.64+) or Flux.2 (dev/Klein, ComfyUI v0.33+) "
+                                       "model, after LoRA if you use one."}),
                 "reference": (
                     "LATENT",
                     {"tooltip": "The reference image encoded with VAE Encode. A batch means several references whose keys/values are pooled."},
@@ -42,7 +43,8 @@ class CaptureReferenceAttention:
                     "CONDITIONING",
                     {"tooltip": "CLIPTextEncode with EMPTY text: the reference code reads attention under the empty prompt, never the user prompt. "
                      "Flux: its text tokens are part of the features; T5TokenizerOptions min_length 512 before the encode matches "
-                     "the reference code's padding. Its guidance value is ignored (AD passes use 1.0)."},
+                     "the reference code's padding. Flux.2: padded with zeros to 512 tokens, as the sampler pads it. "
+                     "Its guidance value is ignored (AD passes use 1.0 where the model embeds guidance)."},
                 ),
                 "layers": (
                     "STRING",
@@ -50,7 +52,8 @@ class CaptureReferenceAttention:
                         "default": PAPER_DEFAULT_SPEC,
                         "tooltip": "Self-attention layers to distill, counted in execution order. 'paper default' = the last 6 "
                         "(SD1.5: 10-15, SDXL: 64-69); on Flux the last 7 (FLUX.1: 50-56 = single blocks 31-37, double "
-                        "blocks being 0-18 and single blocks 19-56). Or indices and ranges like '10-15' or '3,5,7'.",
+                        "blocks being 0-18 and single blocks 19-56); on Flux.2 the last ceil(7N/57) of its N blocks (dev: 49-55, "
+                        "Klein 4B: 21-24, 9B: 28-31). Or indices and ranges like '10-15' or '3,5,7'.",
                     },
                 ),
             },

@@ -142,7 +142,8 @@ def test_the_toy_family_is_found_and_unknown_models_are_refused(mods, toy):
     with torch.inference_mode():
         assert mods.families.family_of(tm.build("sd15").model) is mods.sd.SD_UNET
     stranger = SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2))
-    with pytest.raises(mods.family.UnsupportedModelError, match=r"an SD1.x, SD2.x or SDXL UNet or a Flux \(FLUX.1-dev or -schnell\) model or a Z-Image "
+    with pytest.raises(mods.family.UnsupportedModelError, match=r"an SD1.x, SD2.x or SDXL UNet or a Flux \(FLUX.1-dev or -schnell\) model or a Flux\.2 "
+                                                                 r"\(dev or Klein, ComfyUI v0\.33 or newer\) model or a Z-Image "
                                                                  r"\(Turbo or Base, ComfyUI v0.33.0 or newer\) model "
                        r"or a Qwen-Image or Qwen-Image-Edit model \(ComfyUI v0.33.0 or newer\) or a toy network"):
         mods.families.family_of(stranger)
