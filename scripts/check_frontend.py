@@ -36,9 +36,10 @@ import comfy_frontend as cf
 from headless_chromium import Chromium
 
 
-def workflow_problems(workflow: dict, report: dict, installed: bool) -> list[str]:
+def workflow_problems(workflow: dict, report: dict, installed: bool, absent: list[dict] = ()) -> list[str]:
     """What is wrong with how the frontend holds `workflow` after loading it; `installed`: the models and
-    input images are in place (else the frontend must report exactly those as missing)."""
+    input images are in place (else the frontend must report exactly those as missing). The requests for
+    the missing files of `absent` (the workflows loaded before it) may still fail in its console."""
     problems = []
     saved = {n["id"]: n for n in workflow["nodes"]}
     shown = {n["id"]: n for n in report["nodes"]}
@@ -77,20 +78,27 @@ def workflow_problems(workflow: dict, report: dict, installed: bool) -> list[str
         problems.append(f"corners hidden under the side or tool bars when the file opens: {hidden}")
     problems += [f"toast: {toast}" for toast in report["toasts"]]
     problems += [f"dialog: {key}" for key in report["dialogs"]]
-    allowed = [re.compile(r"404 .*/api/view\?type=input&filename=" + re.escape(name) + "&")
-               for name in expected_media]  # the Load Image previews of the missing images
-    allowed += [re.compile(r"net::ERR_\w+ \(https://" + re.escape(host) + "/")  # the Errors panel asks the
-                for host in {url.split("/")[2] for _, _, url in expected_models if url}]  # links for file sizes
+    allowed = [] if installed else missing_file_errors([workflow, *absent])
     problems += [f"console: {e}" for e in report["errors"] if not any(p.search(e) for p in allowed)]
     return problems
+
+
+def missing_file_errors(workflows: list[dict]) -> list[re.Pattern]:
+    """The console errors a user sees while these workflows' models and images are not installed: the Load
+    Image previews of the images (404), and the download links, which the Errors panel asks for the
+    files' sizes (unreachable offline)."""
+    images = {name for workflow in workflows for name in cf.input_images(workflow)}
+    hosts = {url.split("/")[2] for workflow in workflows for _, _, url in cf.model_files(workflow) if url}
+    return ([re.compile(r"404 .*/api/view\?type=input&filename=" + re.escape(name) + "&") for name in images]
+            + [re.compile(r"net::ERR_\w+ \(https://" + re.escape(host) + "/") for host in hosts])
 
 
 def check_workflows(browser: Chromium, workflows: list[tuple[str, dict]], installed: bool,
                     log=print) -> list[str]:
     problems = []
-    for name, workflow in workflows:
+    for index, (name, workflow) in enumerate(workflows):
         report = cf.load_workflow(browser, workflow, name)
-        found = workflow_problems(workflow, report, installed)
+        found = workflow_problems(workflow, report, installed, [w for _, w in workflows[:index]])
         problems += [f"{name} ({'installed' if installed else 'fresh'}): {p}" for p in found]
         log(f"  {name}: {len(report['nodes'])} nodes, {len(report['missingModels'])} missing models, "
             f"{len(report['missingMedia'])} missing images, {len(found)} problems")
@@ -116,7 +124,7 @@ async (pack) => {
   for (const card of cards) {  // pictures load when their card is in view, and unload when it leaves
     card.scrollIntoView({block: 'center'});
     let picture = null;
-    for (let waited = 0; waited < 5000 && !(picture && picture.complete && picture.naturalWidth); waited += 100) {
+    for (let waited = 0; waited < 10000 && !(picture && picture.complete && picture.naturalWidth); waited += 100) {
       await pause(100);
       picture = card.querySelector('img');
     }
@@ -182,7 +190,7 @@ async (type, title) => {
   app.graph.add(node);
   app.canvas.selectNode(node);
   adStores.get('rightSidePanel').openPanel('info');  // what the selection toolbox's Info button does
-  for (let waited = 0; waited < 15000; waited += 250) {
+  for (let waited = 0; waited < 30000; waited += 250) {
     const content = document.querySelector('.node-help-content');
     const heading = content && content.querySelector('.markdown-content h1');
     if (content && content.querySelector('.fallback-content')) return {fallback: content.innerText.slice(0, 300)};

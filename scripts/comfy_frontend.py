@@ -224,7 +224,7 @@ def open_frontend(browser: Chromium, url: str, timeout: float = 120) -> None:
     browser.evaluate(PROBES)
 
 
-def load_workflow(browser: Chromium, workflow: dict, name: str, settle: float = 1.5) -> dict:
+def load_workflow(browser: Chromium, workflow: dict, name: str, settle: float = 2.0) -> dict:
     """Load a workflow as a file dropped on the canvas is loaded; what the frontend then holds
     (`adGraphReport`), with `errors`: what the page logged as errors meanwhile."""
     browser.errors.clear()

@@ -139,7 +139,7 @@ async (id, title) => {
   app.canvas.deselectAll();
   app.canvas.selectNode(node);
   adStores.get('rightSidePanel').openPanel('info');
-  for (let waited = 0; waited < 15000; waited += 250) {
+  for (let waited = 0; waited < 30000; waited += 250) {
     const heading = document.querySelector('.node-help-content .markdown-content h1');
     if (heading && heading.textContent.trim() === title) return true;
     await new Promise(r => setTimeout(r, 250));
