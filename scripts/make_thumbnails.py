@@ -2,10 +2,12 @@
 
     python scripts/make_thumbnails.py [--images DIR]
 
-ComfyUI's frontend (1.27) shows a custom node pack's workflow in its Templates browser with the JPEG of
-the same name beside it. The picture shows what the graph starts from, never a result: the images its
-Load Image nodes name (taken from --images, by default the example images in example-images), its
-prompt, and one line on what it makes.
+ComfyUI's frontend (1.27, and 1.48 of ComfyUI v0.33) shows a custom node pack's workflow in its Templates
+browser with the JPEG of the same name as its picture. The picture shows what the graph starts from, never
+a result: the images its Load Image nodes name (taken from --images, by default the example images in
+example-images), its prompt, and one line on what it makes; and, top right, the model family, which the
+card's one-line title cuts off. Frontend 1.48 lays a "Node graph" badge over the top left of the picture,
+so nothing else is drawn in that band.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ BACKGROUND = (30, 32, 38)
 TEXT = (235, 235, 235)
 MUTED = (160, 165, 175)
 ACCENT = (120, 150, 255)
+BADGE_BAND = 88  # the top of the picture, under frontend 1.48's "Node graph" badge at half size
 # What each graph makes, by the number its file name starts with.
 MAKES = {
     "01": "the photo, repainted in the style",
@@ -77,8 +80,9 @@ def square(path: Path, side: int) -> Image.Image:
 
 
 def thumbnail(path: Path, images: Path) -> Image.Image:
-    """The inputs in a grid with their node titles, the prompt, then what the graph makes. The card
-    shows its title under the picture and draws the picture at half size, hence the large type."""
+    """The family top right, the inputs in a grid with their node titles, the prompt, then what the graph
+    makes. The card shows its title under the picture and draws the picture at half size, hence the large
+    type."""
     ui = json.loads(path.read_text(encoding="utf-8"))
     loads, prompt = inputs_of(ui)
     number = path.stem.split(" ", 1)[0]
@@ -89,20 +93,22 @@ def thumbnail(path: Path, images: Path) -> Image.Image:
     text_height = sum(size + 8 for _, size, _ in text_lines if prompt or size == 30)
     columns = 2 if len(loads) > 1 else 1
     rows = (len(loads) + columns - 1) // columns
+    family = path.stem.rsplit(", ", 1)[-1]
+    draw.text((SIZE - 20 - draw.textlength(family, font=font(32)), 24), family, font=font(32), fill=ACCENT)
     label = 30
-    room = SIZE - 40 - text_height - 16
+    room = SIZE - BADGE_BAND - 20 - text_height - 16
     side = min((SIZE - 40 - (columns - 1) * 16) // columns, room // rows - label)
     x0 = (SIZE - columns * side - (columns - 1) * 16) // 2
     size = min((next((s for s in (22, 20, 18) if draw.textlength(title, font=font(s)) <= side), 18)
                 for _, title in loads), default=22)
     for index, (name, title) in enumerate(loads):
         x = x0 + (index % columns) * (side + 16)
-        y = 20 + (index // columns) * (side + label)
+        y = BADGE_BAND + (index // columns) * (side + label)
         canvas.paste(square(images / name, side), (x, y))
         while draw.textlength(title, font=font(size)) > side:
             title = title[:-2] + "\u2026"
         draw.text((x, y + side + 2), title, font=font(size), fill=MUTED)
-    y = 20 + rows * (side + label) + 16
+    y = BADGE_BAND + rows * (side + label) + 16
     for line, size, colour in text_lines:
         if size == 26 and not prompt:
             continue

@@ -10,31 +10,29 @@ import workflow_layout as wl
 import workflow_tools as wt
 from test_workflows import NAMES
 
-# What frontend 1.27.10 computes for each node (LGraphNode.computeSize, measured in the browser with
-# the pack loaded); the width grows with a long title. A saved size below it is enlarged on load.
+# What frontends 1.27.10 and 1.48.7 compute for each node (LGraphNode.computeSize of a new node, measured
+# in the browser with the pack loaded; the larger of the two, 1.48 measures some labels wider); the width
+# grows with a long title. A saved size below it is enlarged on load.
 FRONTEND_SIZES = {
-    "CheckpointLoaderSimple": (210, 98), "LoraLoader": (210, 126), "CLIPTextEncode": (210, 88),
-    "LoadImage": (214.1, 326), "ImageScale": (210, 130), "ImageToMask": (210, 58), "VAEEncode": (140, 46),
+    "CheckpointLoaderSimple": (210, 98), "LoraLoader": (230.4, 126), "CLIPTextEncode": (218.7, 88),
+    "LoadImage": (222.8, 326), "ImageScale": (210, 130), "ImageToMask": (210, 58), "VAEEncode": (140, 46),
     "VAEDecode": (140, 46), "EmptyLatentImage": (210, 106), "KSampler": (210, 262), "SaveImage": (210, 58),
     "PreviewImage": (178.4, 26), "Canny": (210, 82), "ControlNetLoader": (210, 58),
-    "ControlNetApplyAdvanced": (210, 186), "CaptureReferenceAttention": (217.3, 142),
-    "LatentADOptimize": (227.4, 302), "ADLossGuidance": (227.4, 330), "ADSeamlessTiling": (210, 78),
-    "ADTextureWindows": (210, 82), "ADFineTuneVAEDecoder": (214.2, 174), "Note": (210, 88),
+    "ControlNetApplyAdvanced": (210, 186), "CaptureReferenceAttention": (227.5, 142),
+    "LatentADOptimize": (236.6, 302), "ADLossGuidance": (236.6, 330), "ADSeamlessTiling": (210, 78),
+    "ADTextureWindows": (210, 82), "ADFineTuneVAEDecoder": (221.1, 174), "Note": (210, 88),
     "UNETLoader": (210, 82), "DualCLIPLoader": (210, 130), "VAELoader": (210, 58), "LoraLoaderModelOnly": (210, 82),
     "T5TokenizerOptions": (210, 82), "ModelSamplingFlux": (210, 130), "FluxGuidance": (210, 58),
     "EmptySD3LatentImage": (210, 106),
 }
 # Nodes that show an image or a text box may be larger than computed; the others are saved at exactly
-# the computed height.
+# the computed height (LoadImage's 326 is with its image shown).
 FREE_HEIGHT = ("LoadImage", "SaveImage", "PreviewImage", "CLIPTextEncode", "Note")
-# Fit View on a 1600 x 1000 window shows the nodes' details (zoom >= DETAIL_ZOOM) for the graphs with one or
-# two images. The text-to-image graphs (three SD, two Flux) open with the whole graph readable at 60 % but Fit View (which
-# leaves a quarter of the canvas empty) zooms them to 0.53; the three with four or five image and
-# ControlNet inputs do not fit readably and open at 60 % on their note. Their Fit View zoom is held here.
-FIT_VIEW_FLOORS = {"02_sd15_appearance_transfer_regions": 0.32, "05_sd15_style_text_to_image": 0.53,
-                   "06_sdxl_style_text_to_image_1024": 0.53, "07_sd15_controlnet_style": 0.36,
-                   "08_sd15_lora_style": 0.53, "11_sd15_label_controlled_texture": 0.40,
-                   "13_flux_style_text_to_image": 0.53, "15_flux_lora_style": 0.53}
+# Fit View on a 1600 x 1000 window (frontend 1.48) shows the nodes' details (zoom >= DETAIL_ZOOM) for twelve
+# of the fifteen; the three with four or five image and ControlNet inputs do not fit readably and open at
+# 60 % on their note. Their Fit View zoom is held here.
+FIT_VIEW_FLOORS = {"02_sd15_appearance_transfer_regions": 0.41, "07_sd15_controlnet_style": 0.47,
+                   "11_sd15_label_controlled_texture": 0.52}
 CROWDED = ("02_sd15_appearance_transfer_regions", "07_sd15_controlnet_style", "11_sd15_label_controlled_texture")
 
 
@@ -92,12 +90,25 @@ def test_titles_do_not_name_what_the_graph_avoids(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_templates_browser_has_a_picture_of_it(name):
-    """Frontend 1.27 shows a pack's workflow in the Templates browser with `<file name>.jpg` beside it."""
+    """Frontends 1.27 and 1.48 show a pack's workflow in the Templates browser with `<file name>.jpg` as its
+    picture (scripts/check_frontend.py checks it in 1.48)."""
     from PIL import Image
 
     picture = wt.workflow_path(name).with_suffix(".jpg")
     with Image.open(picture) as image:
         assert image.format == "JPEG" and image.size == (512, 512)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_templates_picture_leaves_the_badge_corner_empty(name):
+    """Frontend 1.48 lays a "Node graph" badge over the top left of each card's picture (about 100 x 28 px
+    at 8 px from the corners of a card at least 240 px wide): that corner of the picture is plain background."""
+    from PIL import Image, ImageChops
+
+    with Image.open(wt.workflow_path(name).with_suffix(".jpg")) as image:
+        corner = image.convert("RGB").crop((0, 0, 240, 80))
+    background = Image.new("RGB", corner.size, image.convert("RGB").getpixel((0, 0)))
+    assert max(high for _, high in ImageChops.difference(corner, background).getextrema()) <= 16
 
 
 def test_the_only_template_folder_is_workflows():

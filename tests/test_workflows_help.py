@@ -63,8 +63,8 @@ def test_help_page_documents_every_input_with_its_default(pack, node):
 
 @pytest.mark.parametrize("page", sorted((WEB / "docs").glob("*.md")), ids=lambda p: p.stem)
 def test_help_page_fits_the_help_sidebar(page):
-    """ComfyUI's node help opens in a 253 px sidebar: no tables (their last column is cut off there) and no
-    word too long to wrap."""
+    """Frontend 1.27 opens node help in a 253 px sidebar (1.48 in its node Info panel, about 300 px wide on a
+    1600 px window): no tables (their last column is cut off there) and no word too long to wrap."""
     text = page.read_text(encoding="utf-8")
     assert not re.search(r"^\s*\|", text, re.M), "tables do not fit the help sidebar; use one list item per row"
     long_words = [w for w in re.findall(r"\S+", text) if len(w.strip("*`_()[].,:;")) > SIDEBAR_CHARACTERS]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workflow_layout as wl  # noqa: E402
 import workflow_tools as wt  # noqa: E402
 
-FRONTEND_VERSION = "1.27.10"  # comfyui-frontend-package pinned by ComfyUI v0.3.64
+FRONTEND_VERSION = "1.48.7"  # comfyui-frontend-package pinned by ComfyUI v0.33.0, whose window the view fits
 COMFY_VERSION = "0.3.64"
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
@@ -88,7 +88,7 @@ PACK_COLORS = ("#223", "#335")
 # Node sizes: the height (and at least the width) that frontend 1.27.10 computes for each node from its
 # sockets and widgets (LGraphNode.computeSize), so nothing is resized when a file opens; wider where a
 # file name or a title needs it, larger where the node shows an image or text.
-# scripts/render_workflows.py fails when the real frontend resizes a node on load.
+# scripts/check_frontend.py fails when the real frontend resizes a node on load.
 DEFAULT_SIZES = {
     "CheckpointLoaderSimple": (315, 98),
     "LoraLoader": (315, 126),
@@ -253,14 +253,15 @@ class Graph:
 
     @staticmethod
     def opening_view(ui: dict) -> dict:
-        """The view a file opens with: the whole graph from its top-left corner at the zoom Fit View would
-        pick on a 1600 px wide window (not above 100 %); where that zoom is too small to read, the note
-        and the first nodes at a readable zoom."""
+        """The view a file opens with: the whole graph, its top-left corner just clear of the side and tool
+        bars, at the zoom Fit View would pick on a 1600 x 1000 window (not above 100 %); where that zoom
+        is too small to read, the note and the first nodes at a readable zoom."""
         frame = wl.bounds(ui)
         scale = min(1.0, math.floor(wl.fit_view_zoom(ui) * 100) / 100)
         if scale < wl.DETAIL_ZOOM:  # the whole graph would be blank boxes: open on the note, readable
             scale = READABLE_ZOOM
-        return {"scale": scale, "offset": [-frame.left, -frame.top]}
+        return {"scale": scale, "offset": [round(wl.CLEAR_ORIGIN[0] / scale - frame.left, 1),
+                                           round(wl.CLEAR_ORIGIN[1] / scale - frame.top, 1)]}
 
     def _order(self) -> dict[int, int]:
         """Execution order as the frontend stores it: nodes without inputs first, then topologically."""

@@ -1,5 +1,5 @@
-"""Where a UI-format workflow's nodes and links land on ComfyUI's canvas, computed as frontend 1.27
-(ComfyUI v0.3.64's pinned frontend) draws them, so tests can check a layout without a browser:
+"""Where a UI-format workflow's nodes and links land on ComfyUI's canvas, computed as frontends 1.27
+(ComfyUI v0.3.64) and 1.48 (ComfyUI v0.33.0) draw them, so tests can check a layout without a browser:
 
 - a node's box is its `pos`/`size` plus the title bar above it (NODE_TITLE_HEIGHT 30);
 - an input socket sits at (x + 10, y + (i + 0.7) * 20), an output socket at (x + w + 1 - 10, same y), for
@@ -9,7 +9,8 @@
 - Fit View frames the nodes' boxes plus 10 px at zoom 0.75 * canvas / bounds; below a zoom of
   MinFontSizeForLOD / NODE_TEXT_SIZE = 8 / 14 nodes are drawn as blank boxes.
 
-scripts/render_workflows.py checks the same rules in the real frontend.
+The window is frontend 1.48's: its canvas fills the window, under the side bar, the tab bar and the
+floating tool bars. scripts/check_frontend.py checks in the real frontend that nothing is resized on load.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ SLOT_HEIGHT = 20
 FIT_VIEW_ZOOM = 0.75
 FIT_VIEW_PADDING = 10
 DETAIL_ZOOM = 8 / 14  # LiteGraph.Canvas.MinFontSizeForLOD (8 px) over NODE_TEXT_SIZE (14 px)
-# The canvas ComfyUI v0.3.64's frontend has in a 1600 x 1000 browser window (measured in Chromium: the
-# side bar, the menu and tab bars take the rest).
-REFERENCE_CANVAS = (1536, 779)
+# The canvas frontend 1.48 has in a 1600 x 1000 browser window: all of it (measured in Chromium), with the
+# side bar (59 px wide), the tab bar (38 px) and the floating tool bars (to 82 px) over its left and top
+# edges; the graph is clear of them right of CLEAR_ORIGIN[0] and below CLEAR_ORIGIN[1].
+REFERENCE_CANVAS = (1600, 1000)
+CLEAR_ORIGIN = (64, 90)
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ def fit_view_zoom(ui: dict, canvas: tuple[float, float] = REFERENCE_CANVAS) -> f
 
 
 def visible_area(ui: dict, canvas: tuple[float, float] = REFERENCE_CANVAS) -> Box:
-    """The part of the graph the saved view (extra.ds) shows when the file opens: canvas pixel
-    p shows graph point p / scale - offset."""
+    """The part of the graph the saved view (extra.ds) shows clear of the side and tool bars when the
+    file opens: canvas pixel p shows graph point p / scale - offset."""
     ds = ui["extra"]["ds"]
     scale, (dx, dy) = ds["scale"], ds["offset"]
-    return Box(-dx, -dy, canvas[0] / scale - dx, canvas[1] / scale - dy)
+    return Box(CLEAR_ORIGIN[0] / scale - dx, CLEAR_ORIGIN[1] / scale - dy, canvas[0] / scale - dx,
+               canvas[1] / scale - dy)
