@@ -30,6 +30,7 @@ from gpucheck.client import LAUNCH, Server  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 PACK_FOLDER = "comfyui-attention-distillation"
 PROBE = Path(__file__).resolve().parent / "gpucheck" / "probe"
+SKIPPED = "skipped: over the time budget"
 MODEL_BYTES = {"full": 30 * 2**30, "tiny": 10 * 2**30}  # what the files of all three families take
 
 
@@ -48,8 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path,
                         help="where the model files are built or reused (default: /dev/shm when it has room)")
     parser.add_argument("--prompt-timeout", type=float, help="seconds per prompt (default 300; 1800 with --tiny)")
-    parser.add_argument("--budget", type=float, default=540,
-                        help="seconds for the whole check; prompts not started by then are skipped (default 540)")
+    parser.add_argument("--budget", type=float,
+                        help="seconds for the whole check: later prompts are skipped, one still running when it ends "
+                             "gets 30 s more (default 540; none with --tiny)")
     parser.add_argument("--server-args", default="", help="more arguments for main.py, e.g. --disable-dynamic-vram")
     args = parser.parse_args(argv)
     if args.comfyui is None or not (Path(args.comfyui) / "main.py").is_file():
@@ -83,21 +85,21 @@ def build_models(args: argparse.Namespace, folder: Path, scale: str, families: l
 
 
 def prepare_base(base: Path, folder: Path) -> list[str]:
-    """ComfyUI's base directory (custom nodes: the pack and the memory probe; the input image), the model paths
-    file and an empty frontend; returns main.py's arguments for them."""
+    """ComfyUI's base directory (custom nodes: the pack and the check's probe), the model paths file and an empty
+    frontend; returns main.py's arguments for them."""
     for sub in ("custom_nodes", "input", "output", "temp", "user", "frontend"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     for name, target in ((PACK_FOLDER, REPO), ("ad_gpu_check_probe", PROBE)):
         link = base / "custom_nodes" / name
         if not link.exists():
             link.symlink_to(target, target_is_directory=True)
-    shutil.copyfile(REPO / "example-images" / graphs.REFERENCE_IMAGE, base / "input" / graphs.REFERENCE_IMAGE)
     (base / "frontend" / "index.html").write_text("<!doctype html><title>API only</title>\n")
     paths = base / "extra_model_paths.yaml"
     folders = sorted(set(models.KINDS.values()))
     paths.write_text("ad_gpu_check:\n" + f"    base_path: {folder}\n" + "".join(f"    {f}: {f}\n" for f in folders))
+    # The database's default path is the ComfyUI tree's user/ folder, which --base-directory does not move.
     return ["--base-directory", str(base), "--extra-model-paths-config", str(paths),
-            "--front-end-root", str(base / "frontend")]
+            "--front-end-root", str(base / "frontend"), "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
 
 
 def server_facts(server: Server) -> dict:
@@ -108,6 +110,7 @@ def server_facts(server: Server) -> dict:
     kitchen = re.findall(r"Found comfy_kitchen backend (\w+): \{'available': True", text)
     attention = re.findall(r"(Using [\w -]+ attention[^\n]*)", text)
     stood_in = re.findall(r"ad-gpu-check: standing in for ([^\n]+)", text)
+    not_imported = re.findall(r"Cannot import (\S+) module for custom nodes", text)
     return {
         "ComfyUI": system.get("comfyui_version"), "Python": (system.get("python_version") or "").split()[0],
         "torch": system.get("pytorch_version"),
@@ -116,6 +119,7 @@ def server_facts(server: Server) -> dict:
         "comfy-kitchen backends available": ", ".join(kitchen) or "none",
         "attention": attention[-1] if attention else "?",
         "stood in for": stood_in[-1] if stood_in else "?",
+        "node modules that failed to import": ", ".join(Path(m).name for m in not_imported) or "none",
     }
 
 
@@ -172,14 +176,15 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder = models_dir(args, work, scale)
     timeout = args.prompt_timeout or (1800 if args.tiny else 300)
+    budget = args.budget or (float("inf") if args.tiny else 540)
     print(f"GPU check: {scale} models in {folder}, output in {out}", flush=True)
     header = {"title": f"{scale} models", "models": str(folder)}
-    header["model build s"] = f"{build_models(args, folder, scale, families, out / 'build.log'):.0f}"
     server = Server(args.python, args.comfyui.resolve(), prepare_base(work / "base", folder)
                     + (["--cpu"] if args.cpu else []) + shlex.split(args.server_args), out / "server.log", args.cpu)
     rows: list[report.Row] = []
     problems: list[str] = []
     try:
+        header["model build s"] = f"{build_models(args, folder, scale, families, out / 'build.log'):.0f}"
         header["server start s"] = f"{server.start(timeout=300):.0f}"
         header.update(server_facts(server))
         header["title"] = f"ComfyUI {header['ComfyUI']}, {header['devices']}, {scale} models"
@@ -190,16 +195,21 @@ def main(argv: list[str]) -> int:
         for family in families:
             server.free_memory()
             for mode in ["warmup", *modes]:
-                if time.perf_counter() - started > args.budget:
-                    rows.append(report.Row(family, mode, 0, 0, note="skipped: over the time budget"))
+                left = budget - (time.perf_counter() - started)
+                if left <= 0:
+                    rows.append(report.Row(family, mode, 0, 0, note=SKIPPED))
                     continue
                 if server.process.poll() is not None:
                     rows.append(report.Row(family, mode, 0, 0, error="the server has exited"))
                     continue
                 print(f"{family} {mode} ...", flush=True)
-                rows.append(run_mode(server, family, mode, scale, timeout, work / "base" / "output", seed=1 if
-                                     mode == "warmup" else 0))
+                row = run_mode(server, family, mode, scale, min(timeout, left + 30), work / "base" / "output",
+                               seed=1 if mode == "warmup" else 0)
+                if not row.ok and time.perf_counter() - started > budget:
+                    row.note = SKIPPED + " (interrupted)"
+                rows.append(row)
                 judge(rows)
+                print(f"  {report.summary(row)}", flush=True)
                 header["elapsed s"] = f"{time.perf_counter() - started:.0f}"
                 report.write(out, rows, header)
     except Exception as error:  # the check reports every failure in its table and exit code
@@ -210,8 +220,8 @@ def main(argv: list[str]) -> int:
     if problems:
         header["problems"] = " | ".join(problems)
     print(report.write(out, rows, header), flush=True)
-    skipped = any(row.note.startswith("skipped") for row in rows)
-    failed = problems or any(not row.ok and not row.note.startswith("skipped") for row in rows)
+    skipped = any(row.note.startswith(SKIPPED) for row in rows)
+    failed = problems or any(not row.ok and not row.note.startswith(SKIPPED) for row in rows)
     print(f"GPU check {'FAILED' if failed else 'incomplete' if skipped else 'passed'}; report in {out}", flush=True)
     return 1 if failed else 2 if skipped else 0
 

@@ -45,6 +45,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
 done
 target=(--only-binary=:all: --python-version "$python_version" --implementation cp "${platforms[@]}")
 
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$cache" "$carry"
 echo "gpu_pack: downloading ${#wheels[@]} wheels for $tag into $cache" >&2
 python3 -m pip download --quiet --no-deps "${target[@]}" -d "$cache" "${wheels[@]}" 2>&1 \
@@ -58,8 +59,11 @@ rm -f "$staging"/site/comfy_kitchen/backends/hip/_C*.so "$staging"/site/comfy_ai
 rm -rf "$staging/site/bin"
 echo "gpu_pack: compressing $(du -sh "$staging/site" | cut -f1) of packages (xz -9)" >&2
 tar -C "$staging/site" -cf - . | xz -9 -T0 > "$carry/site-$tag.tar.xz.partial"
+# One Python's packages only: another's would travel too and count against the 64 MiB.
+find "$carry" -maxdepth 1 \( -name 'site-cp*.tar.xz' -o -name 'wheels-cp*.txt' \) \
+    ! -name "site-$tag.tar.xz.partial" -print -delete | sed 's/^/gpu_pack: removed /' >&2
 mv "$carry/site-$tag.tar.xz.partial" "$carry/site-$tag.tar.xz"
-cp "$tarball" "$carry/comfyui-v0.33.0.tar.gz"
+install -m 0644 "$tarball" "$carry/comfyui-v0.33.0.tar.gz"
 printf '%s\n' "${wheels[@]}" > "$carry/wheels-$tag.txt"
 
 tree_bytes=$(cd "$root" && { git ls-files -z; git ls-files -z --others --exclude-standard; } \

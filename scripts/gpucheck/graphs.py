@@ -1,6 +1,8 @@
 """The GPU check's prompts in ComfyUI's API format, one per family and mode, built from the shipped workflows:
 the AD nodes take their settings from workflows/api (05/06/13 guided, 03/14 optimize, 12 decoder fine-tune),
-the loaders and samplers are wired as those workflows wire them, and only sizes and step counts change.
+the loaders and samplers are wired as those workflows wire them, and only sizes and step counts change. The
+reference picture comes from the check's own pattern node (scripts/gpucheck/probe), not Load Image: v0.33's
+Load Image decodes through PyAV, which the check does not carry.
 
 Every prompt of a family shares its upstream nodes (same ids, same inputs), so ComfyUI's cache runs the loaders,
 text encoders and VAE Encode once (in the warm-up) and each timed prompt runs only its mode's nodes.
@@ -16,7 +18,6 @@ from . import models
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a photo of a lighthouse on a cliff"
-REFERENCE_IMAGE = "texture-17.jpg"  # from example-images/, copied into ComfyUI's input folder
 MODES = ("plain", "guided", "optimize", "decoder")
 
 
@@ -34,9 +35,9 @@ class Family:
 
 
 FAMILIES = {
-    "sd15": Family("sd15", "SD1.5", {"full": 512, "tiny": 64}, {"full": 10, "tiny": 3}, "ddim", "ddim_uniform",
+    "sd15": Family("sd15", "SD1.5", {"full": 512, "tiny": 64}, {"full": 20, "tiny": 3}, "ddim", "ddim_uniform",
                    7.5, "05", "03"),
-    "sdxl": Family("sdxl", "SDXL", {"full": 1024, "tiny": 64}, {"full": 8, "tiny": 3}, "ddim", "ddim_uniform",
+    "sdxl": Family("sdxl", "SDXL", {"full": 1024, "tiny": 64}, {"full": 10, "tiny": 3}, "ddim", "ddim_uniform",
                    7.0, "06", "03"),
     "flux": Family("flux", "FLUX.1-dev fp8", {"full": 1024, "tiny": 64}, {"full": 6, "tiny": 3}, "euler", "simple",
                    1.0, "13", "14"),
@@ -101,10 +102,8 @@ def build_prompt(family_name: str, mode: str, scale: str, seed: int = 0, steps: 
     size = family.resolution[scale]
     steps = steps if steps is not None else (2 if mode == "warmup" else family.steps[scale])
     nodes, wires = _flux_upstream(scale, size) if family_name == "flux" else _sd_upstream(family, scale, size)
-    nodes["8"] = node("LoadImage", image=REFERENCE_IMAGE)
-    nodes["9"] = node("ImageScale", upscale_method="lanczos", width=size, height=size, crop="center",
-                      image=["8", 0])
-    nodes["10"] = node("VAEEncode", pixels=["9", 0], vae=wires["vae"])
+    nodes["8"] = node("ADGPUCheckPattern", width=size, height=size, seed=0)  # the probe's node: see its docstring
+    nodes["10"] = node("VAEEncode", pixels=["8", 0], vae=wires["vae"])
     prefix = f"ad_gpu_check/{family_name}_{mode}"
 
     def sampler(model: list) -> dict:
@@ -134,7 +133,7 @@ def build_prompt(family_name: str, mode: str, scale: str, seed: int = 0, steps: 
     elif mode == "decoder":
         settings = dict(shipped_settings(DECODER_WORKFLOW, "ADFineTuneVAEDecoder"), epochs=DECODER_EPOCHS[scale],
                         seed=seed)
-        nodes["24"] = node("ADFineTuneVAEDecoder", **settings, vae=wires["vae"], images=["9", 0])
+        nodes["24"] = node("ADFineTuneVAEDecoder", **settings, vae=wires["vae"], images=["8", 0])
         nodes["25"] = node("VAEDecode", samples=["10", 0], vae=["24", 0])
         nodes["26"] = node("SaveImage", filename_prefix=prefix, images=["25", 0])
         nodes["27"] = node("PreviewImage", images=["24", 1])

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GIB = 2**30
+MEMORY_TITLES = (("torch_allocated", "peak torch alloc GiB"), ("device_used", "peak device used GiB"),
+                 ("aimdo_vram", "peak aimdo GiB"), ("process_rss", "peak RSS GiB"))
 
 
 def seconds_per_step(events: list, node_id: str) -> float | None:
@@ -47,9 +49,17 @@ def _gib(value: float | None) -> str:
 
 def memory_columns(rows: list[Row]) -> list[tuple[str, str]]:
     """(memory key, column title) present in any row: the device's and torch's peaks on a GPU, RSS on a CPU."""
-    titles = [("torch_allocated", "peak torch alloc GiB"), ("device_used", "peak device used GiB"),
-              ("aimdo_vram", "peak aimdo GiB"), ("process_rss", "peak RSS GiB")]
-    return [(key, title) for key, title in titles if any(row.memory.get(key) for row in rows)]
+    return [(key, title) for key, title in MEMORY_TITLES if any(row.memory.get(key) for row in rows)]
+
+
+def summary(row: Row) -> str:
+    """One line for the console as the check goes."""
+    memory = ", ".join(f"{key} {_gib(value)} GiB" for key, value in row.memory.items()
+                       if key in dict(MEMORY_TITLES) and value)
+    step = f"{row.step_seconds:.3f} s/step" if row.step_seconds else "– s/step"
+    first_line = (row.error or "").strip().splitlines()[:1]
+    outcome = "ok" if row.ok else "FAILED" + (f": {first_line[0][:300]}" if first_line else "")
+    return f"{row.family} {row.mode}: {outcome}; {step}; {memory}; {row.seconds:.1f} s" + (f" ({row.note})" if row.note else "")
 
 
 def markdown(rows: list[Row], header: dict) -> str:
@@ -61,10 +71,10 @@ def markdown(rows: list[Row], header: dict) -> str:
               "|" + "---|" * (8 + 2 * len(columns))]
     plain = {row.family: row for row in rows if row.mode == "plain" and row.ok}
     for row in rows:
-        base = plain.get(row.family)
+        base = plain.get(row.family) if row.mode not in ("warmup", "decoder") else None
         cells = [row.family, row.mode, f"{row.size}²", str(row.steps),
                  f"{row.step_seconds:.3f}" if row.step_seconds else "–",
-                 _ratio(row.step_seconds, base.step_seconds if base else None) if row.mode != "decoder" else "–"]
+                 _ratio(row.step_seconds, base.step_seconds if base else None)]
         for key, _ in columns:
             cells += [_gib(row.memory.get(key)), _ratio(row.memory.get(key), base.memory.get(key) if base else None)]
         result = "ok" if row.ok else "FAILED"

@@ -1,5 +1,10 @@
-"""Memory probe of the GPU check (docs/gpu-check.md), loaded into the ComfyUI server under test as a custom
-node with no nodes: two routes that reset and read this server process's peak memory.
+"""What the GPU check (docs/gpu-check.md) adds to the ComfyUI server under test, as a second custom node pack:
+
+- two routes that reset and read this server process's peak memory;
+- "AD GPU Check Pattern", a reference picture made from a seed. ComfyUI v0.33's Load Image decodes every image
+  through PyAV, which the check does not carry (37 MB), so its prompts make their reference with this node.
+
+Peak memory:
 
 - torch's allocator: `torch.cuda.max_memory_allocated` / `max_memory_reserved` (activations, workspaces and
   whatever else goes through torch's caching allocator);
@@ -80,10 +85,38 @@ class PeakPoll:
 POLL = PeakPoll()
 
 
-def _register() -> None:
-    from server import PromptServer
+class ADGPUCheckPattern:
+    """Coloured waves plus noise: a reference with structure at several scales, the same for a given seed."""
 
-    routes = PromptServer.instance.routes
+    CATEGORY = "testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        size = {"default": 512, "min": 64, "max": 4096, "step": 8}
+        return {"required": {"width": ("INT", size), "height": ("INT", size),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    def make(self, width: int, height: int, seed: int) -> tuple[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        y = torch.linspace(0, 1, height)[:, None]
+        x = torch.linspace(0, 1, width)[None, :]
+        channels = []
+        for _ in range(3):
+            fx, fy, phase = (torch.rand(3, generator=generator) * torch.tensor([16.0, 16.0, 6.28])).tolist()
+            channels.append(0.5 + 0.35 * torch.sin(6.28 * (fx * x + fy * y) + phase))
+        image = torch.stack(channels, dim=-1) + 0.15 * torch.rand(height, width, 3, generator=generator)
+        return (image.clamp(0, 1)[None],)
+
+
+def _register() -> None:
+    """The routes, on the running server (main.py imports `server` before it loads custom nodes); none without
+    one (tests load the node alone)."""
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if server is None:
+        return
+    routes = server.routes
 
     @routes.post("/ad_gpu_check/reset")
     async def reset(request):
@@ -96,5 +129,5 @@ def _register() -> None:
 
 
 _register()
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+NODE_CLASS_MAPPINGS = {"ADGPUCheckPattern": ADGPUCheckPattern}
+NODE_DISPLAY_NAME_MAPPINGS = {"ADGPUCheckPattern": "AD GPU Check Pattern"}
