@@ -51,7 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-timeout", type=float, help="seconds per prompt (default 300; 1800 with --tiny)")
     parser.add_argument("--budget", type=float,
                         help="seconds for the whole check: later prompts are skipped, one still running when it ends "
-                             "gets 30 s more (default 540; none with --tiny)")
+                             "gets 30 s more (default 480; none with --tiny)")
     parser.add_argument("--server-args", default="", help="more arguments for main.py, e.g. --disable-dynamic-vram")
     args = parser.parse_args(argv)
     if args.comfyui is None or not (Path(args.comfyui) / "main.py").is_file():
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder = models_dir(args, work, scale)
     timeout = args.prompt_timeout or (1800 if args.tiny else 300)
-    budget = args.budget or (float("inf") if args.tiny else 540)
+    budget = args.budget or (float("inf") if args.tiny else 480)
     print(f"GPU check: {scale} models in {folder}, output in {out}", flush=True)
     header = {"title": f"{scale} models", "models": str(folder)}
     server = Server(args.python, args.comfyui.resolve(), prepare_base(work / "base", folder)

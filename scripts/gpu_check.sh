@@ -8,7 +8,8 @@
 # On the lent machine (the device tool's `run`, from the repository root, after `bash scripts/gpu_pack.sh`):
 #   command:   bash scripts/gpu_check.sh
 #   carry:     [".gpu-carry"]
-#   timeout_s: 600   (the check budgets itself 540 s: prompts not started by then are skipped)
+#   timeout_s: 600   (the check budgets itself 480 s after unpacking: later prompts are skipped, the one
+#                     running then gets 30 s more, so the report is written before the run is cut off)
 #
 #   bash scripts/gpu_check.sh [gpu_check.py arguments...]       e.g. --families flux --modes plain,guided
 #
