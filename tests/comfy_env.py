@@ -72,8 +72,16 @@ def stub_torchvision() -> None:
             for name in [n for n in sys.modules if n.split(".")[0] == package]:
                 sys.modules.pop(name)
             missing.append(package)
-    if missing and not any(isinstance(f, _StandInFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _StandInFinder(missing))
+    stand_in(missing)
+
+
+def stand_in(packages: list[str]) -> None:
+    """Serve `packages` (and their submodules) as stand-ins from now on, ahead of anything installed."""
+    finders = [f for f in sys.meta_path if isinstance(f, _StandInFinder)]
+    if finders:
+        finders[0].packages.update(packages)
+    elif packages:
+        sys.meta_path.insert(0, _StandInFinder(list(packages)))
 
 
 def boot() -> None:
